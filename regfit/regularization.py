@@ -1,0 +1,194 @@
+"""The ``Regularization`` callback: owns one term and applies it at the right moment.
+
+Where each mode runs in Lightning's step (automatic optimization)::
+
+    closure: forward → backward            (inside optimizer.step, or before it under AMP)
+    on_before_optimizer_step               ← decoupled decay (grads unscaled, weights unchanged)
+    configure_gradient_clipping            ← coupled gradient, after clipping (RegModule)
+    optimizer update
+    optimizer step post-hook               ← proximal step (never fires for a skipped AMP step)
+
+Coupled gradients are added *after* clipping, as torch's own ``weight_decay`` is (it is
+added inside ``optimizer.step``, after any clipping), so ``coupled L2`` with clipping still
+equals ``SGD(weight_decay=λ)``. With a model that is not a :class:`~regfit.RegModule` (or
+under manual optimization) there is no after-clip hook, so the gradient is added in
+``on_before_optimizer_step``.
+
+Under a GradScaler (``16-mixed``), the decoupled decay is deferred to an optimizer step
+pre-hook, which the scaler calls only when the step is really taken: a skipped step
+applies no decay and no prox.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from regfit.modes import ModeSpec, resolve_mode
+from regfit.penalties import Penalty, resolve_penalty
+from regfit.scaling import ScaleRule
+from regfit.selection import Selector
+from regfit.term import Term
+
+__all__ = ["Regularization", "regularizations", "is_logging_step"]
+
+log = logging.getLogger(__name__)
+
+
+class Regularization(Callback):
+    """Apply ``λ · Σ c(w)·R(w)`` to the selected parameters of the model being fit.
+
+    Args:
+        penalty: a :class:`~regfit.penalties.Penalty` or a short name
+            (``l2``, ``l1``, ``elasticnet``, ``lp``, ``lhalf``, ``grouplasso``).
+        strength: λ ≥ 0. With ``L2`` it is torch's ``weight_decay``.
+        mode: ``coupled``, ``decoupled``, ``proximal`` or a :mod:`regfit.modes` object.
+        include: rules selecting parameters (default: all trainable ones); see
+            :mod:`regfit.selection` for keywords, ``type:…`` and globs.
+        exclude: rules removing parameters, e.g. ``["bias", "norm", "last_layer"]``.
+        scale: per-tensor multiplier of λ: ``none``, ``numel``, ``fan`` or a callable.
+        name: the term's name in logs (``train/penalty/<name>``); defaults to the
+            penalty's short name. Two terms in one run need different names: the name
+            keys their logs and checkpoint state (Lightning refuses two callbacks with one
+            ``state_key``).
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[
+            Regularization(L2(), strength=1e-4, exclude=["bias", "norm", "last_layer"], scale="fan"),
+            Regularization(L1(), strength=1e-5, mode="proximal", include=["body.0.*"]),
+        ])
+    """
+
+    def __init__(
+        self,
+        penalty: Penalty | str = "l2",
+        strength: float = 1e-4,
+        mode: ModeSpec = "coupled",
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        scale: ScaleRule = "none",
+        name: str | None = None,
+    ) -> None:
+        penalty = resolve_penalty(penalty)
+        self.term = Term(
+            penalty=penalty,
+            strength=strength,
+            selector=Selector(include=include, exclude=exclude),
+            scale=scale,
+            mode=resolve_mode(mode),
+            name=name or penalty.name,
+        )
+        self._hooks: list[Any] = []
+        self._armed: set[int] = set()
+
+    @property
+    def name(self) -> str:
+        return self.term.name
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    def __repr__(self) -> str:
+        t = self.term
+        return (
+            f"Regularization({t.penalty!r}, strength={t.strength!r}, mode={t.mode!r}, "
+            f"include={list(t.selector.include)}, exclude={list(t.selector.exclude)}, scale={t.scale!r}, name={t.name!r})"
+        )
+
+    # ---- resolution ---------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Selection errors surface here, before any training step, also for validate/test.
+        self.term.assign(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        orphans = self.term.bind(pl_module, list(trainer.optimizers))
+        if orphans:
+            log.warning("Term %r: %d selected parameters are in no optimizer and are left alone: %s",
+                        self.name, len(orphans), ", ".join(orphans[:5]))
+        for opt in trainer.optimizers:
+            self._hooks.append(opt.register_step_pre_hook(self._pre_step))
+            self._hooks.append(opt.register_step_post_hook(self._post_step))
+        self._scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self._defer_coupled = isinstance(pl_module, _reg_module_type()) and pl_module.automatic_optimization
+        n = sum(a.param.numel() for a in self.term.assignments)
+        log.info("Term %r: %s, λ=%g, %s on %d tensors (%d weights).", self.name, self.term.penalty,
+                 self.term.strength, self.term.mode, len(self.term.assignments), n)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self._armed.clear()
+
+    # ---- the step -----------------------------------------------------------------------
+    def _run(self, phase: str, optimizer: torch.optim.Optimizer) -> None:
+        if self.term.mode.phase == phase:
+            self.term.apply({id(g) for g in optimizer.param_groups})
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self._defer_coupled:
+            self._run("gradient", optimizer)
+        if self._scaler is None:
+            self._run("pre_update", optimizer)
+        else:
+            self._armed.add(id(optimizer))
+
+    def after_gradient_clipping(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called by :class:`~regfit.RegModule` once gradients are clipped."""
+        if self._defer_coupled:
+            self._run("gradient", optimizer)
+
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        if id(optimizer) in self._armed:
+            self._armed.discard(id(optimizer))
+            self._run("pre_update", optimizer)
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        self._run("post_update", optimizer)
+
+    # ---- logging ------------------------------------------------------------------------
+    def penalty_value(self) -> torch.Tensor:
+        """This term's λ·Σ c·R(w) at the current weights (no graph)."""
+        return self.term.value()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not is_logging_step(trainer):
+            return
+        norm, sparsity = self.term.weight_stats()
+        pl_module.log(f"weights/norm/{self.name}", norm, on_step=True, on_epoch=False)
+        pl_module.log(f"weights/sparsity/{self.name}", sparsity, on_step=True, on_epoch=False)
+        if not isinstance(pl_module, _reg_module_type()):
+            pl_module.log(f"train/penalty/{self.name}", self.penalty_value(), on_step=True, on_epoch=False)
+
+    # ---- checkpoint ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": repr(self), "max_lr": [b.max_lr for b in self.term.buckets]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded_state = state_dict
+
+
+def regularizations(trainer: pl.Trainer | None) -> list[Regularization]:
+    """The Regularization callbacks of a trainer (empty without one)."""
+    if trainer is None:
+        return []
+    return [cb for cb in trainer.callbacks if isinstance(cb, Regularization)]
+
+
+def is_logging_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes step metrics to the loggers at this step."""
+    if not trainer.loggers:
+        return False
+    return bool(trainer._logger_connector.should_update_logs)
+
+
+def _reg_module_type() -> type:
+    from regfit.module import RegModule  # the module imports this file
+
+    return RegModule

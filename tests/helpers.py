@@ -1,0 +1,100 @@
+"""Small models and a reference training loop shared by the tests."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from regfit import RegModule
+
+
+class TinyNet(RegModule):
+    """body (Linear → Tanh → LayerNorm → Linear → Tanh) → head, float64 by default."""
+
+    def __init__(self, d_in: int = 12, width: int = 16, n_out: int = 3, seed: int = 0, dtype=torch.float64,
+                 optimizer=None, norm: bool = True):
+        super().__init__()
+        torch.manual_seed(seed)
+        layers = [nn.Linear(d_in, width), nn.Tanh()]
+        if norm:
+            layers.append(nn.LayerNorm(width))
+        layers += [nn.Linear(width, width), nn.Tanh()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, n_out)
+        self.to(dtype)
+        self._optimizer = optimizer or (lambda params: torch.optim.SGD(params, lr=0.1))
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+    def data_loss(self, batch):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return self._optimizer(self.parameters())
+
+
+def batches(n_batches: int, batch_size: int = 16, d_in: int = 12, n_out: int = 3, seed: int = 1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        x = torch.randn(batch_size, d_in, generator=g, dtype=dtype)
+        y = torch.randint(0, n_out, (batch_size,), generator=g)
+        out.append((x, y))
+    return out
+
+
+class Batches:
+    """A fixed list of batches that Lightning iterates as one loader (a bare list would be
+    read as a list of loaders)."""
+
+    def __init__(self, data):
+        self.data = list(data)
+
+    def __iter__(self):
+        return iter(self.data)
+
+    def __len__(self):
+        return len(self.data)
+
+
+def fit(model: L.LightningModule, data, callbacks=(), max_steps=None, **trainer_kwargs) -> L.Trainer:
+    """Fit for exactly one pass over `data` (a list of batches) unless max_steps is given."""
+    kwargs = dict(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+    )
+    kwargs.update(trainer_kwargs)
+    if max_steps is not None:
+        kwargs["max_steps"] = max_steps
+    trainer = L.Trainer(callbacks=list(callbacks), **kwargs)
+    trainer.fit(model, Batches(data))
+    return trainer
+
+
+def reference_loop(model: nn.Module, optimizer: torch.optim.Optimizer, data, extra_loss=None, clip=None):
+    """A plain torch loop: data loss (+ extra_loss(model) through autograd), backward, step."""
+    for x, y in data:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if extra_loss is not None:
+            loss = loss + extra_loss(model)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+    return model
+
+
+def max_param_diff(a: nn.Module, b: nn.Module) -> float:
+    return max((pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters()))

@@ -1,0 +1,201 @@
+"""One harness over every built-in penalty: gradients, proxes, and behaviour at 0 and ±∞."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from regfit.functional import half_threshold, lp_prox, soft_threshold
+from regfit.penalties import L1, L2, ElasticNet, GroupLasso, LHalf, Lp, Penalty, resolve_penalty
+
+PENALTIES = {
+    "l2": L2(),
+    "l1": L1(),
+    "elasticnet": ElasticNet(l1_ratio=0.3),
+    "lhalf": LHalf(),
+    "lp0.3": Lp(p=0.3),
+    "lp0.7": Lp(p=0.7),
+    "grouplasso": GroupLasso(),
+}
+ELEMENTWISE = {k: v for k, v in PENALTIES.items() if k != "grouplasso"}
+ids = list(PENALTIES)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def away_from_kinks(shape=(5, 4), seed=0) -> torch.Tensor:
+    """Entries with |w| in [0.2, 2], random signs: no penalty has a kink or smoothing band there."""
+    g = torch.Generator().manual_seed(seed)
+    mag = 0.2 + 1.8 * torch.rand(shape, generator=g, dtype=torch.float64)
+    sign = torch.where(torch.rand(shape, generator=g, dtype=torch.float64) < 0.5, -1.0, 1.0)
+    return mag * sign
+
+
+@pytest.mark.parametrize("name", ids)
+def test_grad_matches_finite_differences(name):
+    pen = PENALTIES[name]
+    w = away_from_kinks()
+    g = pen.grad(w)
+    h = 1e-6
+    fd = torch.empty_like(w)
+    for idx in range(w.numel()):
+        e = torch.zeros(w.numel(), dtype=w.dtype)
+        e[idx] = h
+        e = e.view_as(w)
+        fd.view(-1)[idx] = (pen.value(w + e) - pen.value(w - e)) / (2 * h)
+    assert torch.allclose(g, fd, atol=1e-6, rtol=1e-6), (g - fd).abs().max()
+
+
+@pytest.mark.parametrize("name", ids)
+def test_autograd_of_value_equals_grad(name):
+    """So 'penalty in the loss' and 'gradient injection' are the same update, also near 0."""
+    pen = PENALTIES[name]
+    w = torch.cat([away_from_kinks((4, 4)), torch.tensor([[0.0, 1e-5, -1e-4, 0.0]])]).requires_grad_(True)
+    (auto,) = torch.autograd.grad(pen.value(w), w)
+    assert torch.isfinite(auto).all()
+    assert torch.allclose(auto, pen.grad(w.detach()), atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ids)
+def test_prox_with_zero_step_is_identity(name):
+    w = torch.cat([away_from_kinks((3, 4)), torch.zeros(1, 4)])
+    assert torch.equal(PENALTIES[name].prox(w, 0.0), w)
+
+
+def objective(pen: Penalty, x: torch.Tensor, w: torch.Tensor, t: float) -> torch.Tensor:
+    return 0.5 * (x - w).pow(2).sum() + t * pen.value(x)
+
+
+@pytest.mark.parametrize("t", [0.05, 0.5, 2.0])
+@pytest.mark.parametrize("name", list(ELEMENTWISE))
+def test_prox_is_the_grid_minimizer(name, t):
+    """prox(w, t) attains the minimum of ½(x−w)² + t·R(x) found on a dense 1-D grid."""
+    pen = PENALTIES[name]
+    grid = torch.linspace(-6, 6, 240_001)
+    for w in torch.linspace(-4, 4, 41).tolist():
+        x = pen.prox(torch.tensor([w]), t)
+        vals = 0.5 * (grid - w) ** 2 + t * _elementwise_value(pen, grid)
+        f_grid = vals.min()
+        f_prox = objective(pen, x, torch.tensor([w]), t)
+        assert f_prox <= f_grid + 1e-7, (w, x, grid[vals.argmin()])
+
+
+def _elementwise_value(pen: Penalty, grid: torch.Tensor) -> torch.Tensor:
+    if isinstance(pen, L2):
+        return 0.5 * grid**2
+    if isinstance(pen, L1):
+        return grid.abs()
+    if isinstance(pen, ElasticNet):
+        a = pen.l1_ratio
+        return a * grid.abs() + (1 - a) * 0.5 * grid**2
+    if isinstance(pen, Lp):
+        return grid.abs().pow(pen.p)
+    raise AssertionError(pen)
+
+
+@pytest.mark.parametrize("name", ids)
+def test_prox_beats_random_perturbations(name):
+    """prox is a minimizer in every direction, also for the non-separable group lasso."""
+    pen = PENALTIES[name]
+    g = torch.Generator().manual_seed(3)
+    for t in (0.1, 1.0):
+        w = torch.randn(6, 5, generator=g)
+        w[0] *= 0.05  # a row that block soft-thresholding removes
+        x = pen.prox(w, t)
+        f = objective(pen, x, w, t)
+        for scale in (1e-4, 1e-2, 1.0):
+            for _ in range(50):
+                y = x + scale * torch.randn(x.shape, generator=g)
+                assert f <= objective(pen, y, w, t) + 1e-10
+        assert f <= objective(pen, torch.zeros_like(w), w, t) + 1e-10
+
+
+@pytest.mark.parametrize("name", ids)
+@pytest.mark.parametrize("value", [0.0, 1e-30, -1e-30, 1e6, -1e6])
+def test_finite_at_zero_tiny_and_huge(name, value):
+    pen = PENALTIES[name]
+    w = torch.full((3, 2), value)
+    assert torch.isfinite(pen.value(w))
+    assert torch.isfinite(pen.grad(w)).all()
+    for t in (0.0, 1e-3, 1.0, 10.0):
+        assert torch.isfinite(pen.prox(w, t)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ids)
+def test_finite_in_low_precision(name, dtype):
+    pen = PENALTIES[name]
+    w = torch.tensor([[0.0, 1e-30, -3.0, 1e4]], dtype=dtype)
+    assert torch.isfinite(pen.grad(w)).all()
+    assert torch.isfinite(pen.prox(w, 0.5)).all()
+    assert pen.total([w], [1.0]).dtype in (torch.float32, torch.float64)
+
+
+def test_subgradients_at_zero_are_documented_values():
+    z = torch.zeros(3)
+    assert torch.equal(L1().grad(z), z)
+    assert torch.equal(ElasticNet(0.5).grad(z), z)
+    assert torch.equal(LHalf().grad(z), z)
+    assert torch.equal(GroupLasso().grad(torch.zeros(2, 3)), torch.zeros(2, 3))
+
+
+def test_lp_gradient_is_bounded_by_the_smoothing_band():
+    pen = Lp(p=0.5, eps=1e-3)
+    w = torch.logspace(-30, 1, 500)
+    bound = 0.5 * 1e-3 ** -0.5
+    assert pen.grad(w).abs().max() <= bound * (1 + 1e-12)
+
+
+def test_conventions():
+    w = torch.tensor([3.0, -4.0])
+    assert L2().value(w) == 12.5  # ½‖w‖², so strength ≡ torch weight_decay
+    assert L1().value(w) == 7.0
+    assert ElasticNet(0.25).value(w) == pytest.approx(0.25 * 7 + 0.75 * 12.5)
+    assert LHalf().value(torch.tensor([4.0, 9.0])) == 5.0
+    gl = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    assert GroupLasso().value(gl) == pytest.approx(math.sqrt(2) * 5)
+    assert torch.equal(GroupLasso().prox(gl, 1.0)[1], torch.zeros(2))
+
+
+def test_half_threshold_closed_form_matches_newton_and_threshold():
+    w = torch.linspace(-5, 5, 1001)
+    for t in (0.1, 1.0, 2.5):
+        assert torch.allclose(half_threshold(w, t), lp_prox(w, t, 0.5), atol=1e-9)
+        thr = 1.5 * t ** (2 / 3)
+        assert (half_threshold(w, t)[w.abs() <= thr] == 0).all()
+        assert (half_threshold(w, t)[w.abs() > thr + 1e-9] != 0).all()
+
+
+def test_soft_threshold_fast_form_equals_textbook_bits():
+    w = torch.randn(10_000, dtype=torch.float32)
+    textbook = torch.sign(w) * torch.clamp(w.abs() - 0.3, min=0)
+    assert torch.equal(soft_threshold(w, 0.3), textbook)
+
+
+def test_user_penalty_with_value_only_gets_autograd_gradient():
+    class LogCosh(Penalty):
+        def value(self, w):
+            return torch.log(torch.cosh(w)).sum()
+
+    w = away_from_kinks()
+    assert torch.allclose(LogCosh().grad(w), torch.tanh(w))
+    with pytest.raises(NotImplementedError, match="mode='proximal'"):
+        LogCosh().prox(w, 0.1)
+
+
+def test_bad_hyperparameters_name_the_value_and_the_fix():
+    with pytest.raises(ValueError, match=r"p=1.5.*use L1"):
+        Lp(p=1.5)
+    with pytest.raises(ValueError, match=r"l1_ratio=2"):
+        ElasticNet(l1_ratio=2)
+    with pytest.raises(ValueError, match=r"Unknown penalty 'l3'.*'l2'"):
+        resolve_penalty("l3")
+    assert resolve_penalty("LHalf") == LHalf()

@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from regfit.scaling import fan_scale, numel_scale, scale_fn
+from regfit.selection import SelectionError, Selector, last_layer
+from regfit.term import Term, validate_strength
+from regfit.modes import Coupled, Proximal, resolve_mode
+from regfit.penalties import L2, Penalty
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.conv = nn.Conv2d(1, 3, kernel_size=3)
+        self.bn = nn.BatchNorm2d(3)
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 8))
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+        self.temperature = nn.Parameter(torch.ones(()))
+        self.head = nn.Linear(8, 2)
+
+
+def names(selector, model=None):
+    return [i.name for i in selector.select(model or Model())]
+
+
+def test_default_selects_every_trainable_parameter_in_order():
+    got = names(Selector())
+    assert got == [n for n, p in Model().named_parameters() if p.requires_grad]
+    assert "frozen.weight" not in got
+
+
+def test_keywords():
+    assert names(Selector(include=["bias"])) == ["conv.bias", "bn.bias", "body.0.bias", "body.1.bias", "body.2.bias", "head.bias"]
+    assert names(Selector(include=["norm"])) == ["bn.weight", "bn.bias", "body.1.weight", "body.1.bias"]
+    assert names(Selector(include=["embedding"])) == ["embed.weight"]
+    assert names(Selector(include=["last_layer"])) == ["head.weight", "head.bias"]
+    assert "temperature" in names(Selector(include=["ndim<2"]))
+    assert names(Selector(exclude=["bias", "norm", "embedding", "last_layer", "ndim<2"])) == [
+        "conv.weight", "body.0.weight", "body.2.weight"]
+
+
+def test_globs_and_types():
+    assert names(Selector(include=["body.*"], exclude=["*.bias"])) == ["body.0.weight", "body.1.weight", "body.2.weight"]
+    assert names(Selector(include=["type:Linear"])) == ["body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias", "head.weight", "head.bias"]
+    assert names(Selector(include=["type:torch.nn.Conv2d"])) == ["conv.weight", "conv.bias"]
+    assert names(Selector(include=["temperature"])) == ["temperature"]
+
+
+def test_last_layer_can_be_named_by_the_model():
+    class Custom(Model):
+        def last_layer(self):
+            return self.body[2]
+
+    assert last_layer(Custom()) is not None
+    assert names(Selector(include=["last_layer"]), Custom()) == ["body.2.weight", "body.2.bias"]
+
+
+def test_glob_matching_nothing_is_an_error_with_close_names():
+    with pytest.raises(SelectionError, match=r"'bodyy\.\*' matches no trainable parameter.*body\."):
+        Selector(include=["bodyy.*"]).select(Model())
+    with pytest.raises(SelectionError, match=r"type:Conv3d.*type:Conv2d"):
+        Selector(exclude=["type:Conv3d"]).select(Model())
+    with pytest.raises(SelectionError, match="frozen.weight.*matches no trainable"):
+        Selector(include=["frozen.weight"]).select(Model())
+
+
+def test_misspelled_keyword_fails_at_construction():
+    with pytest.raises(SelectionError, match=r"Unknown selector keyword 'biases'.*'bias'"):
+        Selector(exclude=["biases"])
+    with pytest.raises(SelectionError, match=r"'last-layer'.*'last_layer'"):
+        Selector(exclude=["last-layer"])
+    with pytest.raises(SelectionError, match="must be a list"):
+        Selector(exclude="bias")
+    with pytest.raises(SelectionError, match="cannot import"):
+        Selector(include=["type:torch.nn.Nope"])
+
+
+def test_keyword_matching_nothing_only_warns(caplog):
+    mlp = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    with caplog.at_level(logging.WARNING):
+        got = names(Selector(exclude=["norm"]), mlp)
+    assert len(got) == 4
+    assert "matches no parameter" in caplog.text
+
+
+def test_selection_has_no_side_effects():
+    m = Model()
+    before = {n: p.requires_grad for n, p in m.named_parameters()}
+    Selector(exclude=["bias"]).select(m)
+    assert before == {n: p.requires_grad for n, p in m.named_parameters()}
+
+
+def test_scale_values_on_known_shapes():
+    assert numel_scale("w", torch.empty(10, 20)) == 1 / 200
+    assert fan_scale("w", torch.empty(10, 20)) == pytest.approx((20 + 10) / (20 * 10))  # Linear(20→10)
+    # Conv2d(3→8, 5×5): fan_in = 3·25, fan_out = 8·25, as torch.nn.init computes them
+    assert fan_scale("w", torch.empty(8, 3, 5, 5)) == pytest.approx((75 + 200) / (75 * 200))
+    assert fan_scale("b", torch.empty(10)) == pytest.approx(2 / 10)
+    assert scale_fn(lambda n, p: 3.0)("x", torch.empty(1)) == 3.0
+    with pytest.raises(ValueError, match="Unknown scale 'fann'"):
+        scale_fn("fann")
+
+
+def test_term_validation():
+    for bad in (-1.0, float("nan"), float("inf"), "abc"):
+        with pytest.raises(ValueError, match="strength"):
+            validate_strength(bad)
+
+    class ValueOnly(Penalty):
+        def value(self, w):
+            return w.pow(4).sum()
+
+    with pytest.raises(ValueError, match="defines no prox"):
+        Term(ValueOnly(), 0.1, Selector(), "none", Proximal(), "v4")
+    Term(ValueOnly(), 0.1, Selector(), "none", Coupled(), "v4")
+    with pytest.raises(ValueError, match="Unknown mode 'coupeld'"):
+        resolve_mode("coupeld")
+
+
+def test_term_assignments_carry_coefficients():
+    term = Term(L2(), 1e-3, Selector(include=["body.*"], exclude=["norm"]), "numel", Coupled(), "l2")
+    got = {a.name: a.coeff for a in term.assign(Model())}
+    assert got == {"body.0.weight": 1 / 32, "body.0.bias": 1 / 8, "body.2.weight": 1 / 64, "body.2.bias": 1 / 8}
