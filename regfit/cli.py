@@ -114,7 +114,8 @@ class RegfitSaveConfig(SaveConfigCallback):
         for lg in loggers:
             run = lg.experiment
             run.config.update(config, allow_val_change=True)
-            Path(run.dir, self.config_filename).write_text(text)
+            # Not config.yaml: W&B writes its own run config under that name.
+            Path(run.dir, "regfit-config.yaml").write_text(text)
             self._offline_notice(run)
 
     @classmethod

@@ -30,8 +30,8 @@ class RegModule(pl.LightningModule):
 
     * ``train/data_loss`` (each step) and ``train/data_loss_epoch`` (epoch mean), ``train/penalty``, ``train/loss`` (= data +
       penalty) and ``train/penalty/<term>`` on logging steps;
-    * ``train/penalty_epoch`` and ``train/penalty_epoch/<term>``: the penalty at the end
-      of each training epoch;
+    * ``train/penalty_epoch`` and ``train/penalty_epoch/<term>``: their means over the
+      logging steps of each epoch;
     * ``val/data_loss`` (epoch, synchronized across processes).
 
     If you override ``training_step``, call :meth:`log_penalty` with the data loss to keep
@@ -85,21 +85,13 @@ class RegModule(pl.LightningModule):
         total = torch.stack(list(values.values())).sum() if values else torch.zeros((), device=data_loss.device)
         total = total.to(data_loss.device)
         self.log("train/penalty", total, on_step=True, on_epoch=False)
+        # Epoch means over the logging steps, next to train/data_loss_epoch (no extra cost).
+        self.log("train/penalty_epoch", total, on_step=False, on_epoch=True)
         self.log("train/loss", data_loss.detach().float() + total, on_step=True, on_epoch=False)
         for name, value in values.items():
-            self.log(f"train/penalty/{name}", value.to(data_loss.device), on_step=True, on_epoch=False)
-
-    def on_train_epoch_end(self) -> None:
-        # The epoch-level penalty is its value at the end of the epoch (a state of the
-        # weights, not a per-batch quantity), next to train/data_loss_epoch.
-        values = self.penalty_values()
-        if not values:
-            return
-        device = self.device
-        total = torch.stack([v.to(device) for v in values.values()]).sum()
-        self.log("train/penalty_epoch", total, on_step=False, on_epoch=True)
-        for name, value in values.items():
-            self.log(f"train/penalty_epoch/{name}", value.to(device), on_step=False, on_epoch=True)
+            value = value.to(data_loss.device)
+            self.log(f"train/penalty/{name}", value, on_step=True, on_epoch=False)
+            self.log(f"train/penalty_epoch/{name}", value, on_step=False, on_epoch=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Clip the data gradient, then add the coupled penalty gradients: the same order as
