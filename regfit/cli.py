@@ -161,6 +161,16 @@ class RegfitCLI(LightningCLI):
         if configure_wandb():
             log.debug("No W&B credentials found; WANDB_MODE=offline.")
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            # One W&B run per command, also in-process (tests, sweeps): close it here rather
+            # than at interpreter exit, so the next command starts a fresh run.
+            for lg in _wandb_loggers(self.trainer):
+                if getattr(lg, "_experiment", None) is not None:
+                    lg.experiment.finish()
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         _check_term_names([cb for cb in [*(config.get("callbacks") or []), *callbacks] if isinstance(cb, Regularization)])
         return super()._instantiate_trainer(config, callbacks)
@@ -185,6 +195,9 @@ def run_cli(args: Sequence[str], run: bool = True, **kwargs: Any) -> RegfitCLI:
     ``run_cli(["--config", FILE], run=False)`` only builds ``cli.model``, ``cli.datamodule``
     and ``cli.trainer``. Errors are raised (see :func:`main` for their one-paragraph form).
     """
+    # Passing args is the point here (main() strips --debug, groups its own name), so
+    # Lightning's "args and sys.argv both given" warning does not apply.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     return RegfitCLI(args=list(args), run=run, **kwargs)
 
 
@@ -235,9 +248,23 @@ def _clean_argument_error(message: str) -> str:
     return "\n  ".join(lines)
 
 
-def format_error(exc: BaseException) -> str:
-    """One paragraph for a user error."""
+def _config_files(argv: Sequence[str]) -> list[str]:
+    files = []
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def format_error(exc: BaseException, argv: Sequence[str] = ()) -> str:
+    """One paragraph for a user error (``argv`` names the config files in YAML errors)."""
     text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, ArgumentError) and text.startswith("Problems parsing config"):
+        # jsonargparse names "<unicode string>", not the file: say which file is not YAML.
+        where = ", ".join(_config_files(argv)) or "the config"
+        text = text.replace("Problems parsing config:", f"{where} is not valid YAML:", 1).replace('"<unicode string>", ', "")
     if isinstance(exc, ArgumentError):
         return _clean_argument_error(text) + "\nRun `regfit fit --help` for the options."
     if "Does not validate against any of the Union subtypes" in text:
@@ -287,8 +314,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # main() passes sys.argv on explicitly (it strips --debug and the subcommand of groups).
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     try:
         return _dispatch(argv)
     except KeyboardInterrupt:
@@ -296,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - user errors become one paragraph, bugs keep their traceback
         if debug or not _is_user_error(exc):
             raise
-        sys.stderr.write(f"regfit: error: {format_error(exc)}\n(Run with --debug for the traceback.)\n")
+        sys.stderr.write(f"regfit: error: {format_error(exc, argv)}\n(Run with --debug for the traceback.)\n")
         return EXIT_USAGE
 
 

@@ -1,0 +1,263 @@
+"""The ``regfit`` command end to end: every config trains, metrics land in a CSV log,
+``regfit groups`` prints the table, and user mistakes exit 2 with one paragraph."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from regfit.cli import configure_wandb, main, run_cli, wandb_credentials_found
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+L2_CONFIG = str(REPO / "configs" / "mnist_l2.yaml")
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+         "--trainer.enable_checkpointing=false"]
+
+
+@pytest.fixture(autouse=True)
+def _offline(tmp_path, monkeypatch):
+    """No network, no login prompt, nothing written outside tmp_path."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+
+
+def short_fit_args(config: str | Path, mnist_dir: Path, log_dir: Path, *extra: str) -> list[str]:
+    """A few training steps and 2 validation batches, logged to CSV."""
+    return ["fit", "--config", str(config), "--data.data_dir", str(mnist_dir),
+            "--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=2",
+            "--trainer.log_every_n_steps=1",
+            f"--trainer.logger={{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {{save_dir: {log_dir}}}}}",
+            *QUIET, *extra]
+
+
+def read_metrics(log_dir: Path) -> list[dict[str, str]]:
+    (path,) = log_dir.glob("lightning_logs/version_*/metrics.csv")
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict[str, str]], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+# ---- every config runs as written (a few steps) ------------------------------------------
+
+
+def test_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"mnist_l2.yaml", "mnist_l1_proximal.yaml", "mnist_lhalf.yaml", "mnist_adamw_decoupled.yaml",
+            "mnist_elasticnet_fan.yaml", "mnist_cnn_grouplasso.yaml"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_trains_and_logs_data_loss_and_penalty_separately(config, mnist_dir, tmp_path):
+    cli = run_cli(short_fit_args(config, mnist_dir, tmp_path))
+    terms = [cb.name for cb in cli.trainer.callbacks if type(cb).__name__ == "Regularization"]
+    assert terms, "every config has at least the regularization: section"
+    assert cli.trainer.global_step == 4
+
+    rows = read_metrics(tmp_path)
+    data, penalty, total = column(rows, "train/data_loss"), column(rows, "train/penalty"), column(rows, "train/loss")
+    assert len(data) == len(penalty) == len(total) == 4
+    for d, p, t in zip(data, penalty, total):
+        assert p > 0 and math.isfinite(d)
+        assert t == pytest.approx(d + p, rel=1e-5)
+    per_term = [column(rows, f"train/penalty/{name}") for name in terms]
+    for step in range(4):
+        assert sum(v[step] for v in per_term) == pytest.approx(penalty[step], rel=1e-5)
+    for name in terms:
+        assert len(column(rows, f"weights/norm/{name}")) == 4
+        assert len(column(rows, f"train/penalty_epoch/{name}")) == 1
+    assert len(column(rows, "train/penalty_epoch")) == len(column(rows, "train/data_loss_epoch")) == 1
+    (acc,) = column(rows, "val/acc")
+    assert 0.0 <= acc <= 1.0
+    assert column(rows, "val/data_loss")
+
+
+def test_command_line_overrides_reach_the_term_and_optimizer(mnist_dir, tmp_path):
+    cli = run_cli(short_fit_args(L2_CONFIG, mnist_dir, tmp_path, "--regularization.strength=0.5",
+                                 "--regularization.mode=decoupled", "--regularization.exclude=[bias]",
+                                 "--optimizer.lr=0.01"))
+    (reg,) = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Regularization"]
+    assert reg.term.strength == 0.5 and reg.term.mode.name == "decoupled"
+    assert [a.name for a in reg.term.assignments] == ["body.0.weight", "body.2.weight", "head.weight"]
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == 0.01
+    # the logged penalty is λ·½‖w‖² over exactly those tensors
+    rows = read_metrics(tmp_path)
+    assert column(rows, "train/penalty/l2")[-1] > 0
+
+
+# ---- regfit groups ------------------------------------------------------------------------
+
+
+def test_groups_lists_every_parameter_with_term_coefficient_and_mode(capsys):
+    assert main(["groups", "--plain", "--config", str(REPO / "configs" / "mnist_elasticnet_fan.yaml")]) == 0
+    out = capsys.readouterr().out
+    lines = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.startswith(("body.", "head."))}
+    assert set(lines) == {"body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias", "head.weight", "head.bias"}
+    # fan scale: c = (784 + 512) / (784·512), λ = 0.01
+    name, shape, numel, term, penalty, coeff, mode = lines["body.0.weight"]
+    assert (shape, numel, term, mode) == ("512×784", "401,408", "elasticnet", "coupled")
+    assert float(coeff) == pytest.approx(0.01 * (784 + 512) / (784 * 512), rel=1e-3)
+    assert lines["head.weight"][3:5] == ["-", "excluded"] and lines["body.0.bias"][4] == "excluded"
+    assert "532,480 of 535,818 weights regularized (2 of 6 tensors)." in out
+
+
+def test_groups_shows_both_terms_of_a_two_term_config(capsys):
+    assert main(["groups", "--plain", "--config", str(REPO / "configs" / "mnist_cnn_grouplasso.yaml")]) == 0
+    out = capsys.readouterr().out
+    rows = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.startswith(("features.", "fc."))}
+    assert rows["features.0.weight"][3:5] == ["grouplasso", "GroupLasso()"]
+    assert rows["features.0.weight"][6] == "proximal"
+    assert rows["fc.0.weight"][3] == "l2" and rows["fc.0.bias"][4] == "excluded"
+
+
+def test_console_script_groups_runs_as_a_subprocess(tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-c", "import sys; from regfit.cli import main; sys.exit(main())",
+                           "groups", "--config", L2_CONFIG, "--plain"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "body.0.weight" in proc.stdout and "excluded" in proc.stdout
+
+
+def test_console_script_exits_2_with_one_paragraph_and_no_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(["regfit", "fit", "--config", L2_CONFIG, "--regularization.penalty=l3"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "Unknown penalty 'l3'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- bad input: exit 2, one paragraph naming the value ------------------------------------
+
+BAD_OVERRIDES = {
+    "unknown-penalty": (["--regularization.penalty=l3"], ["'l3'", "l2"]),
+    "unknown-mode": (["--regularization.mode=sideways"], ["regularization.mode", "'coupled', 'decoupled', 'proximal'"]),
+    "negative-strength": (["--regularization.strength=-1"], ["strength=-1.0", "≥ 0"]),
+    "nan-strength": (["--regularization.strength=nan"], ["regularization.strength", "nan"]),
+    "unknown-keyword": (["--regularization.exclude=[biases]"], ["'biases'", "Did you mean 'bias'"]),
+    "glob-matching-nothing": (["--regularization.include=[body.9.*]"], ["'body.9.*'", "matches no trainable parameter"]),
+    "unknown-scale": (["--regularization.scale=mean"], ["regularization.scale", "'none', 'numel', 'fan'"]),
+    "model-not-a-regmodule": (["--model=torch.nn.Linear"], ["torch.nn.Linear is not a regfit.RegModule subclass"]),
+    "datamodule-as-model": (["--model.class_path=regfit.data.MNISTDataModule"], ["is not a regfit.RegModule subclass"]),
+    "bad-model-argument": (["--model.init_args.widths=[0]"], ["widths=[0]", "positive integers"]),
+    "unknown-option": (["--trainer.epochs=3"], ["--trainer.epochs=3"]),
+    "duplicate-term-names": (
+        ['--trainer.callbacks=[{class_path: regfit.Regularization, init_args: {penalty: l2}}]'],
+        ["named 'l2'", "distinct `name`"],
+    ),
+}
+
+
+def assert_user_error(capsys, code: int, *needles: str) -> str:
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("regfit: error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OVERRIDES))
+def test_bad_input_exits_2_with_a_clear_message(case, capsys):
+    overrides, needles = BAD_OVERRIDES[case]
+    code = main(["groups", "--config", L2_CONFIG, *overrides])
+    assert_user_error(capsys, code, *needles)
+
+
+def test_missing_config_file(capsys):
+    assert_user_error(capsys, main(["fit", "--config", "no/such.yaml"]), "no/such.yaml", "does not exist")
+
+
+def test_unreadable_config_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n  - : :\n")
+    assert_user_error(capsys, main(["fit", "--config", str(bad)]), "bad.yaml")
+
+
+def test_glob_matching_nothing_stops_fit_before_training(mnist_dir, tmp_path, capsys):
+    code = main(short_fit_args(L2_CONFIG, mnist_dir, tmp_path, "--regularization.exclude=[body.7.weight]"))
+    assert_user_error(capsys, code, "'body.7.weight'", "regfit groups")
+    assert not list(tmp_path.glob("lightning_logs/version_*/metrics.csv"))
+
+
+def test_missing_data_offline_names_the_data_dir_option(tmp_path, capsys):
+    code = main(["fit", "--config", L2_CONFIG, "--data.data_dir", str(tmp_path / "empty"),
+                 "--data.download=false", "--trainer.logger=false", *QUIET])
+    assert_user_error(capsys, code, "--data.data_dir")
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(ValueError, match="Unknown penalty 'l3'"):
+        main(["groups", "--config", L2_CONFIG, "--regularization.penalty=l3", "--debug"])
+
+
+def test_sweep_without_the_sweep_module_is_a_clear_error(monkeypatch, capsys):
+    import importlib
+
+    real = importlib.import_module
+
+    def no_sweep(name, *args):
+        if name == "regfit.sweep":
+            raise ModuleNotFoundError("No module named 'regfit.sweep'", name="regfit.sweep")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", no_sweep)
+    assert_user_error(capsys, main(["sweep", "sweep.yaml"]), "regfit sweep", "not available")
+
+
+# ---- W&B: never a login prompt --------------------------------------------------------------
+
+
+def test_wandb_goes_offline_without_credentials(tmp_path):
+    env = {"NETRC": str(tmp_path / "none")}
+    assert not wandb_credentials_found(env)
+    assert configure_wandb(env) and env["WANDB_MODE"] == "offline"
+
+
+def test_wandb_stays_online_with_a_key_or_netrc_or_an_explicit_mode(tmp_path):
+    assert not configure_wandb({"WANDB_API_KEY": "x" * 40})
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    netrc.chmod(0o600)
+    env = {"NETRC": str(netrc)}
+    assert wandb_credentials_found(env) and not configure_wandb(env) and "WANDB_MODE" not in env
+    env = {"NETRC": str(tmp_path / "none"), "WANDB_MODE": "disabled"}
+    assert not configure_wandb(env) and env["WANDB_MODE"] == "disabled"
+
+
+def test_wandb_offline_run_holds_the_resolved_config_and_weight_histograms(mnist_dir, tmp_path, monkeypatch, caplog):
+    from regfit.cli import RegfitSaveConfig
+
+    monkeypatch.setattr(RegfitSaveConfig, "offline_notice_shown", False)
+    save_dir = tmp_path / "logs"
+    with caplog.at_level("WARNING", logger="regfit"):
+        run_cli(["fit", "--config", L2_CONFIG, "--data.data_dir", str(mnist_dir), "--trainer.max_epochs=1",
+                 "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
+                 f"--trainer.logger.init_args.save_dir={save_dir}", "--regularization.strength=0.000321", *QUIET])
+    (run_dir,) = (save_dir / "wandb").glob("offline-run-*")
+    assert "wandb sync" in caplog.text and str(run_dir.name) in caplog.text
+    saved = (run_dir / "files" / "regfit-config.yaml").read_text()
+    assert "strength: 0.000321" in saved and "class_path: regfit.models.MLP" in saved
+    # The run file is protobuf records; its keys and JSON values are stored verbatim. W&B's
+    # service writes it in the background after finish(): wait for the run's last records.
+    (record_file,) = run_dir.glob("run-*.wandb")
+    deadline = time.monotonic() + 60
+    while b"weights/hist/l2/body.2.weight" not in (data := record_file.read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert b'{"penalty":"l2","strength":0.000321' in data  # the run config's regularization section
+    for name in (b"body.0.weight", b"body.2.weight"):
+        assert b"weights/hist/l2/" + name in data
+    assert b"weights/hist/l2/head.weight" not in data  # excluded: no histogram
+    assert b"train/penalty/l2" in data and b"train/data_loss" in data
