@@ -296,7 +296,21 @@ def _sweep(argv: list[str]) -> int:
     return int(module.main(argv) or 0)
 
 
+OVERVIEW = """regfit: weight regularization for PyTorch Lightning.
+
+  regfit fit|validate|test|predict --config FILE [--section.key=value ...]
+  regfit groups --config FILE [--plain]   which parameter gets which penalty (no training)
+  regfit sweep SWEEP.yaml                 run a W&B sweep file locally, offline
+  add --debug (or REGFIT_DEBUG=1) to see tracebacks
+
+"""
+
+
 def _dispatch(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        sys.stdout.write(OVERVIEW)
+        if not argv:
+            return EXIT_USAGE
     if argv and argv[0] == "groups":
         from regfit.groups import main as groups_main
 
