@@ -51,7 +51,9 @@ class RegModule(pl.LightningModule):
         # Two names rather than Lightning's automatic _step/_epoch suffixes, so the step
         # curve keeps the documented name train/data_loss.
         self.log("train/data_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self.log("train/data_loss_epoch", loss, on_step=False, on_epoch=True)
+        # The epoch mean is averaged over processes (one all-reduce per epoch); the step value
+        # is this process's micro-batch loss (rank 0's under DDP), not synchronized per step.
+        self.log("train/data_loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True)
         self.log_penalty(loss)
         return loss
 

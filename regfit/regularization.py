@@ -17,6 +17,14 @@ under manual optimization) there is no after-clip hook, so the gradient is added
 Under a GradScaler (``16-mixed``), the decoupled decay is deferred to an optimizer step
 pre-hook, which the scaler calls only when the step is really taken: a skipped step
 applies no decay and no prox.
+
+Under DDP every rank applies the term to its own replica after the gradients are
+averaged (``on_before_optimizer_step`` runs after the all-reduce), so the replicas stay
+identical and the term adds no collective communication of its own.
+
+Parameters are bound to the optimizers' param groups in ``on_train_start``, after a
+checkpoint has restored the optimizer (``Optimizer.load_state_dict`` replaces the
+param-group dicts), and the term's state from the checkpoint is applied there.
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ from typing import Any, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
+from regfit.guard import OnNonFinite, apply_guarded
 from regfit.modes import ModeSpec, resolve_mode
 from regfit.penalties import Penalty, resolve_penalty
 from regfit.scaling import ScaleRule
@@ -55,6 +65,11 @@ class Regularization(Callback):
             penalty's short name. Two terms in one run need different names: the name
             keys their logs and checkpoint state (Lightning refuses two callbacks with one
             ``state_key``).
+        on_nonfinite: what happens when the term's update would write NaN/inf into the
+            gradients or weights (see :mod:`regfit.guard`): ``raise`` (default) undoes it
+            and stops with an error naming the term and parameters; ``skip`` undoes it,
+            warns, and trains on; ``off`` does not check (saves one copy and one host
+            sync per step).
 
     Example::
 
@@ -73,7 +88,11 @@ class Regularization(Callback):
         exclude: Sequence[str] = (),
         scale: ScaleRule = "none",
         name: str | None = None,
+        on_nonfinite: OnNonFinite = "raise",
     ) -> None:
+        if on_nonfinite not in ("raise", "skip", "off"):
+            raise ValueError(f"on_nonfinite={on_nonfinite!r}: use 'raise', 'skip' or 'off'.")
+        self.on_nonfinite = on_nonfinite
         penalty = resolve_penalty(penalty)
         self.term = Term(
             penalty=penalty,
@@ -85,6 +104,7 @@ class Regularization(Callback):
         )
         self._hooks: list[Any] = []
         self._armed: set[int] = set()
+        self._loaded_state: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -107,15 +127,23 @@ class Regularization(Callback):
         self.term.assign(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        orphans = self.term.bind(pl_module, list(trainer.optimizers))
-        if orphans:
-            log.warning("Term %r: %d selected parameters are in no optimizer and are left alone: %s",
-                        self.name, len(orphans), ", ".join(orphans[:5]))
         for opt in trainer.optimizers:
             self._hooks.append(opt.register_step_pre_hook(self._pre_step))
             self._hooks.append(opt.register_step_post_hook(self._post_step))
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._defer_coupled = isinstance(pl_module, _reg_module_type()) and pl_module.automatic_optimization
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Bound here, not in on_fit_start: resuming restores the optimizers after
+        # on_fit_start, and Optimizer.load_state_dict replaces the param-group dicts that
+        # the buckets read the learning rate from.
+        orphans = self.term.bind(pl_module, list(trainer.optimizers))
+        if orphans:
+            log.warning("Term %r: %d selected parameters are in no optimizer and are left alone: %s",
+                        self.name, len(orphans), ", ".join(orphans[:5]))
+        if self._loaded_state is not None:
+            self._restore(self._loaded_state, trainer)
+            self._loaded_state = None
         n = sum(a.param.numel() for a in self.term.assignments)
         log.info("Term %r: %s, λ=%g, %s on %d tensors (%d weights).", self.name, self.term.penalty,
                  self.term.strength, self.term.mode, len(self.term.assignments), n)
@@ -129,7 +157,7 @@ class Regularization(Callback):
     # ---- the step -----------------------------------------------------------------------
     def _run(self, phase: str, optimizer: torch.optim.Optimizer) -> None:
         if self.term.mode.phase == phase:
-            self.term.apply({id(g) for g in optimizer.param_groups})
+            apply_guarded(self.term, {id(g) for g in optimizer.param_groups}, self.on_nonfinite)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self._defer_coupled:
@@ -167,11 +195,51 @@ class Regularization(Callback):
             pl_module.log(f"train/penalty/{self.name}", self.penalty_value(), on_step=True, on_epoch=False)
 
     # ---- checkpoint ---------------------------------------------------------------------
+    def config(self) -> dict[str, str]:
+        """The term's settings as strings, saved in checkpoints to detect a changed config."""
+        t = self.term
+        return {"penalty": repr(t.penalty), "strength": repr(t.strength), "mode": repr(t.mode),
+                "include": repr(list(t.selector.include)), "exclude": repr(list(t.selector.exclude)),
+                "scale": repr(t.scale), "name": repr(t.name)}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"config": repr(self), "max_lr": [b.max_lr for b in self.term.buckets]}
+        # max_lr: the largest lr seen per bucket, which Decoupled(step="corrected") divides by.
+        return {"config": self.config(), "max_lr": [b.max_lr for b in self.term.buckets]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded_state = state_dict
+        # Applied in on_train_start, once the buckets exist (they need the restored optimizers).
+        self._loaded_state = dict(state_dict)
+
+    def _restore(self, state: dict[str, Any], trainer: pl.Trainer) -> None:
+        changes = _config_changes(state.get("config"), self.config())
+        if changes:
+            rank_zero_warn(
+                f"Term {self.name!r}: the checkpoint was trained with a different regularization config; "
+                f"resuming with the current one. Changed: {'; '.join(changes)}."
+            )
+        max_lr = state.get("max_lr", [])
+        if len(max_lr) == len(self.term.buckets):
+            for bucket, value in zip(self.term.buckets, max_lr):
+                bucket.max_lr = max(bucket.max_lr, float(value))
+        elif max_lr:
+            rank_zero_warn(f"Term {self.name!r}: the checkpoint has {len(max_lr)} parameter buckets, this run "
+                           f"{len(self.term.buckets)}; the step-size state (max_lr) starts afresh.")
+
+
+def _config_changes(saved: Any, current: dict[str, str]) -> list[str]:
+    """Human-readable differences ``key: saved → current`` between two configs."""
+    if saved is None:
+        return []
+    if not isinstance(saved, dict):  # an older checkpoint stored repr(self)
+        return [] if saved == _legacy_repr(current) else [f"config: {saved} → {_legacy_repr(current)}"]
+    keys = list(current) + [k for k in saved if k not in current]
+    return [f"{k}: {saved.get(k, '(absent)')} → {current.get(k, '(absent)')}" for k in keys if saved.get(k) != current.get(k)]
+
+
+def _legacy_repr(config: dict[str, str]) -> str:
+    c = config
+    return (f"Regularization({c['penalty']}, strength={c['strength']}, mode={c['mode']}, include={c['include']}, "
+            f"exclude={c['exclude']}, scale={c['scale']}, name={c['name']})")
 
 
 def regularizations(trainer: pl.Trainer | None) -> list[Regularization]:
