@@ -85,7 +85,9 @@ class RegModule(pl.LightningModule):
         total = torch.stack(list(values.values())).sum() if values else torch.zeros((), device=data_loss.device)
         total = total.to(data_loss.device)
         self.log("train/penalty", total, on_step=True, on_epoch=False)
-        self.log("train/loss", data_loss.detach().float() + total, on_step=True, on_epoch=False)
+        # at least float32 (a bf16 loss is upcast), and float64 stays float64
+        data = data_loss.detach().to(torch.promote_types(data_loss.dtype, torch.float32))
+        self.log("train/loss", data + total, on_step=True, on_epoch=False)
         for name, value in values.items():
             self.log(f"train/penalty/{name}", value.to(data_loss.device), on_step=True, on_epoch=False)
 
