@@ -232,6 +232,8 @@ def run_sweep(
     _check_extra(spec, extra)
     trial_argv(spec, {p.name: None for p in spec.parameters})  # the command is runnable, before any study
     name = study_name or spec.name or Path(spec.source).stem
+    if storage and storage.startswith("sqlite:///"):  # SQLite creates the file, not its folder
+        Path(storage[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
         study_name=name,
         storage=storage,
@@ -252,11 +254,11 @@ def run_sweep(
 
 
 def _check_extra(spec: SweepSpec, extra: Sequence[str]) -> None:
+    if extra and not extra[0].startswith("--"):
+        raise SweepError(f"extra argument {extra[0]!r} after `--` must be a regfit fit option like --trainer.max_epochs=1")
     swept = {p.name for p in spec.parameters}
     for arg in extra:
-        if not arg.startswith("--"):
-            raise SweepError(f"extra argument {arg!r} after `--` must be a regfit fit option like --trainer.max_epochs=1")
-        key = arg[2:].split("=", 1)[0]
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
         if key in swept:
             raise SweepError(f"extra argument {arg!r} sets the swept parameter {key!r}; remove it or the parameter")
 
