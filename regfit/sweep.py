@@ -123,17 +123,38 @@ def fit_in_process(argv: Sequence[str], callbacks: Sequence[Callback]) -> pl.Tra
 
 
 @contextlib.contextmanager
-def _environ(values: Mapping[str, str]) -> Iterator[None]:
+def _environ(values: Mapping[str, str | None]) -> Iterator[None]:
+    """Set (or, for ``None``, unset) environment variables for the duration of a block."""
     saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
     try:
+        _set_environ(values)
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_environ(saved)
+
+
+def _set_environ(values: Mapping[str, str | None]) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _trial_environ(study_name: str, number: int) -> dict[str, str | None]:
+    """W&B settings of a local trial: offline, its own run, grouped under the study."""
+    return {
+        "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
+        "WANDB_RUN_GROUP": study_name,
+        "WANDB_NAME": f"{study_name}-{number}",
+        "WANDB_JOB_TYPE": "sweep",
+        # one line per trial (see _log_trial) instead of wandb's summary of every run
+        "WANDB_SILENT": os.environ.get("WANDB_SILENT", "true"),
+        # a run id or sweep left in the shell would make every trial resume one run
+        "WANDB_RUN_ID": None,
+        "WANDB_SWEEP_ID": None,
+        "WANDB_SWEEP_PARAM_PATH": None,
+    }
 
 
 def _finish_wandb_run() -> None:
@@ -154,20 +175,14 @@ class Objective:
     fit: FitFn = fit_in_process
 
     def __call__(self, trial: optuna.Trial) -> float:
-        import optuna
-
         values = {p.name: suggest(trial, p) for p in self.spec.parameters}
         argv = trial_argv(self.spec, values, self.extra)
         trial.set_user_attr("values", values)
         trial.set_user_attr("argv", argv)
         reporter = TrialReporter(trial, self.metric.name)
-        env = {"WANDB_RUN_GROUP": self.study_name, "WANDB_NAME": f"{self.study_name}-{trial.number}",
-               "WANDB_JOB_TYPE": "sweep", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
-               # one line per trial (below) instead of wandb's summary of every run
-               "WANDB_SILENT": os.environ.get("WANDB_SILENT", "true")}
         start = time.perf_counter()
         try:
-            with _environ(env):
+            with _environ(_trial_environ(self.study_name, trial.number)):
                 trainer = self.fit(argv, [reporter])
         finally:
             _finish_wandb_run()
@@ -175,16 +190,22 @@ class Objective:
         if trainer.log_dir:
             trial.set_user_attr("log_dir", str(trainer.log_dir))
         _log_trial(trial.number, values, self.metric.name, reporter)
+        return self._value(trial.number, reporter)
+
+    def _value(self, number: int, reporter: TrialReporter) -> float:
+        """The trial's value, or why it has none."""
+        import optuna
+
         if reporter.available is not None:
             raise SweepError(
-                f"trial {trial.number}: the sweep metric {self.metric.name!r} was never logged; logged metrics: "
+                f"trial {number}: the sweep metric {self.metric.name!r} was never logged; logged metrics: "
                 f"{', '.join(reporter.available) or 'none'}. Fix `metric.name` in {self.spec.source}."
             )
         if reporter.pruned:
             raise optuna.TrialPruned(f"pruned after {len(reporter.history)} validations")
         if not reporter.history:
             raise SweepError(
-                f"trial {trial.number}: no validation ran, so there is no {self.metric.name}; "
+                f"trial {number}: no validation ran, so there is no {self.metric.name}; "
                 "check trainer.limit_val_batches / check_val_every_n_epoch"
             )
         return reporter.history[-1]
