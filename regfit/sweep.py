@@ -417,6 +417,8 @@ def _best_number(study: optuna.Study) -> int | None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="regfit sweep",
+        usage="regfit sweep FILE [--count N] [--storage URL] [--study-name NAME] [--seed N] [--out DIR] [-- FIT ARGS…]",
+        epilog="example: regfit sweep configs/sweeps/mnist_l2_lambda_lr.yaml --count 3 -- --trainer.max_epochs=1",
         description="Run a W&B sweep file locally and offline with Optuna. "
         "Arguments after `--` are added to every trial's `regfit fit`.",
     )
