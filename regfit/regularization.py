@@ -141,11 +141,13 @@ class Regularization(Callback):
         # and torch replaces the param-group dicts there: bind again to the live groups.
         live = {id(g) for opt in trainer.optimizers for g in opt.param_groups}
         if any(id(b.group) not in live for b in self.term.buckets):
-            max_lr = [b.max_lr for b in self.term.buckets]
             self.term.bind(pl_module, list(trainer.optimizers))
-            if len(max_lr) == len(self.term.buckets):
-                for b, m in zip(self.term.buckets, max_lr):
-                    b.max_lr = m
+        # The largest lr seen so far (Decoupled(step="corrected")) continues from the checkpoint.
+        max_lr = getattr(self, "_loaded_state", {}).get("max_lr")
+        if max_lr is not None and len(max_lr) == len(self.term.buckets):
+            for b, m in zip(self.term.buckets, max_lr):
+                b.max_lr = m
+        self._loaded_state = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         # Steps already taken (restored on resume): what the strength schedule reads.
