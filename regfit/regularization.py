@@ -6,7 +6,8 @@ Where each mode runs in Lightning's step (automatic optimization)::
     on_before_optimizer_step               ← decoupled decay (grads unscaled, weights unchanged)
     configure_gradient_clipping            ← coupled gradient, after clipping (RegModule)
     optimizer update
-    optimizer step post-hook               ← proximal step (never fires for a skipped AMP step)
+    optimizer step post-hook               ← proximal step, cautious decay (never fires for a
+                                             skipped AMP step)
 
 Coupled gradients are added *after* clipping, as torch's own ``weight_decay`` is (it is
 added inside ``optimizer.step``, after any clipping), so ``coupled L2`` with clipping still
@@ -22,9 +23,10 @@ Under DDP every rank applies the term to its own replica after the gradients are
 averaged (``on_before_optimizer_step`` runs after the all-reduce), so the replicas stay
 identical and the term adds no collective communication of its own.
 
-Parameters are bound to the optimizers' param groups in ``on_train_start``, after a
-checkpoint has restored the optimizer (``Optimizer.load_state_dict`` replaces the
-param-group dicts), and the term's state from the checkpoint is applied there.
+Parameters are bound to the optimizers' param groups at fit start and bound again in
+``on_train_start`` if a checkpoint restored the optimizer meanwhile
+(``Optimizer.load_state_dict`` replaces the param-group dicts); the term's state from the
+checkpoint is applied there too.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from regfit.guard import OnNonFinite, apply_guarded
 from regfit.modes import ModeSpec, resolve_mode
 from regfit.penalties import Penalty, resolve_penalty
 from regfit.scaling import ScaleRule
+from regfit.schedules import Schedule
 from regfit.selection import Selector
-from regfit.term import Term
+from regfit.term import Override, Term
 
 __all__ = ["Regularization", "regularizations", "is_logging_step"]
 
@@ -65,11 +68,18 @@ class Regularization(Callback):
             penalty's short name. Two terms in one run need different names: the name
             keys their logs and checkpoint state (Lightning refuses two callbacks with one
             ``state_key``).
+        schedule: a :mod:`regfit.schedules` object making λ a function of the step,
+            λ_t = λ·m(t) with t = ``trainer.global_step`` (so it resumes where it stopped);
+            logged as ``train/strength/<name>``. Default: constant λ.
+        overrides: per-selector strength multipliers, e.g.
+            ``[Override(include=["head.*"], strength_mult=0.1)]`` (YAML:
+            ``[{include: ["head.*"], strength_mult: 0.1}]``); folded into each parameter's
+            coefficient c, so ``regfit groups`` shows them.
         on_nonfinite: what happens when the term's update would write NaN/inf into the
             gradients or weights (see :mod:`regfit.guard`): ``raise`` (default) undoes it
             and stops with an error naming the term and parameters; ``skip`` undoes it,
-            warns, and trains on; ``off`` does not check (saves one copy and one host
-            sync per step).
+            warns, and trains on; ``off`` does not check (saves one reduction and one
+            host sync per step).
 
     Example::
 
@@ -88,6 +98,8 @@ class Regularization(Callback):
         exclude: Sequence[str] = (),
         scale: ScaleRule = "none",
         name: str | None = None,
+        schedule: Schedule | None = None,
+        overrides: Sequence[Override] = (),
         on_nonfinite: OnNonFinite = "raise",
     ) -> None:
         if on_nonfinite not in ("raise", "skip", "off"):
@@ -101,6 +113,8 @@ class Regularization(Callback):
             scale=scale,
             mode=resolve_mode(mode),
             name=name or penalty.name,
+            schedule=schedule,
+            overrides=[Override(**o) if isinstance(o, dict) else o for o in overrides],
         )
         self._hooks: list[Any] = []
         self._armed: set[int] = set()
@@ -118,7 +132,10 @@ class Regularization(Callback):
         t = self.term
         return (
             f"Regularization({t.penalty!r}, strength={t.strength!r}, mode={t.mode!r}, "
-            f"include={list(t.selector.include)}, exclude={list(t.selector.exclude)}, scale={t.scale!r}, name={t.name!r})"
+            f"include={list(t.selector.include)}, exclude={list(t.selector.exclude)}, scale={t.scale!r}, name={t.name!r}"
+            + (f", schedule={t.schedule!r}" if t.schedule is not None else "")
+            + (f", overrides={list(t.overrides)!r}" if t.overrides else "")
+            + ")"
         )
 
     # ---- resolution ---------------------------------------------------------------------
@@ -127,26 +144,32 @@ class Regularization(Callback):
         self.term.assign(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        orphans = self.term.bind(pl_module, list(trainer.optimizers))
+        if orphans:
+            log.warning("Term %r: %d selected parameters are in no optimizer and are left alone: %s",
+                        self.name, len(orphans), ", ".join(orphans[:5]))
         for opt in trainer.optimizers:
             self._hooks.append(opt.register_step_pre_hook(self._pre_step))
             self._hooks.append(opt.register_step_post_hook(self._post_step))
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._defer_coupled = isinstance(pl_module, _reg_module_type()) and pl_module.automatic_optimization
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Bound here, not in on_fit_start: resuming restores the optimizers after
-        # on_fit_start, and Optimizer.load_state_dict replaces the param-group dicts that
-        # the buckets read the learning rate from.
-        orphans = self.term.bind(pl_module, list(trainer.optimizers))
-        if orphans:
-            log.warning("Term %r: %d selected parameters are in no optimizer and are left alone: %s",
-                        self.name, len(orphans), ", ".join(orphans[:5]))
-        if self._loaded_state is not None:
-            self._restore(self._loaded_state, trainer)
-            self._loaded_state = None
         n = sum(a.param.numel() for a in self.term.assignments)
         log.info("Term %r: %s, λ=%g, %s on %d tensors (%d weights).", self.name, self.term.penalty,
                  self.term.strength, self.term.mode, len(self.term.assignments), n)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Resuming from a checkpoint runs optimizer.load_state_dict *after* on_fit_start,
+        # and torch replaces the param-group dicts there: bind again to the live groups.
+        live = {id(g) for opt in trainer.optimizers for g in opt.param_groups}
+        if any(id(b.group) not in live for b in self.term.buckets):
+            self.term.bind(pl_module, list(trainer.optimizers))
+        if self._loaded_state is not None:  # the term's state from the checkpoint
+            self._restore(self._loaded_state)
+            self._loaded_state = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # Steps already taken (restored on resume): what the strength schedule reads.
+        self.term.step = trainer.global_step
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for handle in self._hooks:
@@ -156,6 +179,8 @@ class Regularization(Callback):
 
     # ---- the step -----------------------------------------------------------------------
     def _run(self, phase: str, optimizer: torch.optim.Optimizer) -> None:
+        if phase == "pre_update":  # a mode that acts after the update may need w_t
+            self.term.prepare({id(g) for g in optimizer.param_groups})
         if self.term.mode.phase == phase:
             apply_guarded(self.term, {id(g) for g in optimizer.param_groups}, self.on_nonfinite)
 
@@ -191,6 +216,7 @@ class Regularization(Callback):
         norm, sparsity = self.term.weight_stats()
         pl_module.log(f"weights/norm/{self.name}", norm, on_step=True, on_epoch=False)
         pl_module.log(f"weights/sparsity/{self.name}", sparsity, on_step=True, on_epoch=False)
+        pl_module.log(f"train/strength/{self.name}", float(self.term.strength_now()), on_step=True, on_epoch=False)
         if not isinstance(pl_module, _reg_module_type()):
             pl_module.log(f"train/penalty/{self.name}", self.penalty_value(), on_step=True, on_epoch=False)
 
@@ -200,7 +226,8 @@ class Regularization(Callback):
         t = self.term
         return {"penalty": repr(t.penalty), "strength": repr(t.strength), "mode": repr(t.mode),
                 "include": repr(list(t.selector.include)), "exclude": repr(list(t.selector.exclude)),
-                "scale": repr(t.scale), "name": repr(t.name)}
+                "scale": repr(t.scale), "name": repr(t.name), "schedule": repr(t.schedule),
+                "overrides": repr(list(t.overrides))}
 
     def state_dict(self) -> dict[str, Any]:
         # max_lr: the largest lr seen per bucket, which Decoupled(step="corrected") divides by.
@@ -210,8 +237,9 @@ class Regularization(Callback):
         # Applied in on_train_start, once the buckets exist (they need the restored optimizers).
         self._loaded_state = dict(state_dict)
 
-    def _restore(self, state: dict[str, Any], trainer: pl.Trainer) -> None:
-        changes = _config_changes(state.get("config"), self.config())
+    def _restore(self, state: dict[str, Any]) -> None:
+        # The strength schedule needs no state: it reads trainer.global_step, restored by Lightning.
+        changes = _config_changes(state.get("config"), self.config(), repr(self))
         if changes:
             rank_zero_warn(
                 f"Term {self.name!r}: the checkpoint was trained with a different regularization config; "
@@ -226,20 +254,14 @@ class Regularization(Callback):
                            f"{len(self.term.buckets)}; the step-size state (max_lr) starts afresh.")
 
 
-def _config_changes(saved: Any, current: dict[str, str]) -> list[str]:
+def _config_changes(saved: Any, current: dict[str, str], current_repr: str) -> list[str]:
     """Human-readable differences ``key: saved → current`` between two configs."""
     if saved is None:
         return []
-    if not isinstance(saved, dict):  # an older checkpoint stored repr(self)
-        return [] if saved == _legacy_repr(current) else [f"config: {saved} → {_legacy_repr(current)}"]
+    if not isinstance(saved, dict):  # a checkpoint from before configs were saved by field
+        return [] if saved == current_repr else [f"config: {saved} → {current_repr}"]
     keys = list(current) + [k for k in saved if k not in current]
     return [f"{k}: {saved.get(k, '(absent)')} → {current.get(k, '(absent)')}" for k in keys if saved.get(k) != current.get(k)]
-
-
-def _legacy_repr(config: dict[str, str]) -> str:
-    c = config
-    return (f"Regularization({c['penalty']}, strength={c['strength']}, mode={c['mode']}, include={c['include']}, "
-            f"exclude={c['exclude']}, scale={c['scale']}, name={c['name']})")
 
 
 def regularizations(trainer: pl.Trainer | None) -> list[Regularization]:
