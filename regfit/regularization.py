@@ -144,6 +144,7 @@ class Regularization(Callback):
         self.term.assign(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _refuse_sharded(self.name, self.term.assign(pl_module))
         orphans = self.term.bind(pl_module, list(trainer.optimizers))
         if orphans:
             log.warning("Term %r: %d selected parameters are in no optimizer and are left alone: %s",
@@ -262,6 +263,20 @@ def _config_changes(saved: Any, current: dict[str, str], current_repr: str) -> l
         return [] if saved == current_repr else [f"config: {saved} → {current_repr}"]
     keys = list(current) + [k for k in saved if k not in current]
     return [f"{k}: {saved.get(k, '(absent)')} → {current.get(k, '(absent)')}" for k in keys if saved.get(k) != current.get(k)]
+
+
+def _refuse_sharded(term: str, assignments) -> None:
+    # Penalty values and updates of sharded (DTensor) parameters need per-shard kernels and
+    # an all-reduce of the shard sums, which regfit does not implement yet.
+    from torch.distributed.tensor import DTensor
+
+    sharded = [a.name for a in assignments if isinstance(a.param, DTensor)]
+    if sharded:
+        raise NotImplementedError(
+            f"Term {term!r}: parameters {', '.join(sharded[:3])}{' …' if len(sharded) > 3 else ''} are sharded "
+            "DTensors (FSDP2 / ModelParallelStrategy), which regfit does not support yet. "
+            "Use --trainer.strategy=ddp (replicated parameters), or leave these parameters out with exclude=[...]."
+        )
 
 
 def regularizations(trainer: pl.Trainer | None) -> list[Regularization]:

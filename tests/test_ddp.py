@@ -87,3 +87,24 @@ def test_ddp_penalty_adds_no_collective(ddp_results):
     for run in MODES:
         for rank in range(W.WORLD):
             assert ddp_results(run)[rank]["collectives"] == baseline[rank]["collectives"], (run, rank)
+
+
+def test_sharded_dtensor_parameters_are_refused_with_the_fix(tmp_path):
+    """FSDP2 / ModelParallelStrategy parameters (DTensors) fail early, naming the way out."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.nn import Parameter
+
+    from regfit import Regularization
+    from tests.helpers import fit
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = W.model()
+        mesh = init_device_mesh("cpu", (1,))
+        model.head.weight = Parameter(distribute_tensor(model.head.weight.detach(), mesh, [Shard(0)]))
+        with pytest.raises(NotImplementedError, match=r"head\.weight.*sharded DTensors.*strategy=ddp.*exclude"):
+            fit(model, [], [Regularization("l2")])
+    finally:
+        dist.destroy_process_group()
