@@ -23,6 +23,7 @@ How each block is checked, by its fence language
       program is installed and the paths exist;
     * ``docker build …`` — the Dockerfile exists and each ``--build-arg NAME=…`` is an ``ARG``
       of it; ``docker run [options] IMAGE CMD…`` — ``CMD…`` is checked as a command itself;
+    * ``export NAME=VALUE`` and ``cd DIR`` apply to the block's later commands;
     * anything else (``regfit --help``, ``regfit groups --config …``,
       ``python -m regfit.data …``) — run as written (120 s limit); it must exit 0.
 ``yaml`` / ``yml``
@@ -195,6 +196,13 @@ class CommandChecker:
         for path in referenced_paths(argv):
             assert (self.cwd / path).exists(), f"{shlex.join(argv)}: {path} does not exist"
         prog = argv[0]
+        if prog == "export":  # later commands of the block see the variables
+            self.env.update(_strip_env(argv[1:])[0])
+            return None
+        if prog == "cd":
+            self.cwd = Path(os.path.normpath(self.cwd / argv[1]))  # normpath: stay in the mirror
+            assert self.cwd.is_dir(), f"cd {argv[1]}: no such folder"
+            return None
         if force == "run":
             return self._run(argv, extra_env)
         if prog in ("pip", "pip3") or argv[:3] in (["python", "-m", "pip"], ["python3", "-m", "pip"]):
@@ -222,7 +230,7 @@ class CommandChecker:
     def _run(self, argv: list[str], extra_env: dict[str, str]) -> None:
         argv = [sys.executable if argv[0] in ("python", "python3") else argv[0], *argv[1:]]
         proc = subprocess.run(argv, cwd=self.cwd, env={**self.env, **extra_env}, capture_output=True,
-                              text=True, timeout=RUN_TIMEOUT_S)
+                              text=True, timeout=RUN_TIMEOUT_S, stdin=subprocess.DEVNULL)
         self.ran.append(argv)
         assert proc.returncode == 0, (
             f"`{shlex.join(argv)}` exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
@@ -457,6 +465,8 @@ def test_docker_checks(tmp_path: Path):
 
 def test_runnable_command_failure_is_reported(tmp_path: Path):
     checker = _harness_checker(tmp_path)
-    checker.check(["python", "-c", "import sys"])
+    for argv in split_commands("export GREETING=hi\ncd tests\npython -c 'import os; assert os.environ[\"GREETING\"] == \"hi\"'"):
+        checker.check(argv)
+    assert checker.cwd.name == "tests" and checker.ran
     with pytest.raises(AssertionError, match="exited 3"):
         checker.check(["python", "-c", "raise SystemExit(3)"])
