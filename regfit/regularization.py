@@ -6,7 +6,8 @@ Where each mode runs in Lightning's step (automatic optimization)::
     on_before_optimizer_step               ← decoupled decay (grads unscaled, weights unchanged)
     configure_gradient_clipping            ← coupled gradient, after clipping (RegModule)
     optimizer update
-    optimizer step post-hook               ← proximal step (never fires for a skipped AMP step)
+    optimizer step post-hook               ← proximal step, cautious decay (never fires for a
+                                             skipped AMP step)
 
 Coupled gradients are added *after* clipping, as torch's own ``weight_decay`` is (it is
 added inside ``optimizer.step``, after any clipping), so ``coupled L2`` with clipping still
@@ -31,8 +32,9 @@ from lightning.pytorch.callbacks import Callback
 from regfit.modes import ModeSpec, resolve_mode
 from regfit.penalties import Penalty, resolve_penalty
 from regfit.scaling import ScaleRule
+from regfit.schedules import Schedule
 from regfit.selection import Selector
-from regfit.term import Term
+from regfit.term import Override, Term
 
 __all__ = ["Regularization", "regularizations", "is_logging_step"]
 
@@ -55,6 +57,13 @@ class Regularization(Callback):
             penalty's short name. Two terms in one run need different names: the name
             keys their logs and checkpoint state (Lightning refuses two callbacks with one
             ``state_key``).
+        schedule: a :mod:`regfit.schedules` object making λ a function of the step,
+            λ_t = λ·m(t) with t = ``trainer.global_step`` (so it resumes where it stopped);
+            logged as ``train/strength/<name>``. Default: constant λ.
+        overrides: per-selector strength multipliers, e.g.
+            ``[Override(include=["head.*"], strength_mult=0.1)]`` (YAML:
+            ``[{include: ["head.*"], strength_mult: 0.1}]``); folded into each parameter's
+            coefficient c, so ``regfit groups`` shows them.
 
     Example::
 
@@ -73,6 +82,8 @@ class Regularization(Callback):
         exclude: Sequence[str] = (),
         scale: ScaleRule = "none",
         name: str | None = None,
+        schedule: Schedule | None = None,
+        overrides: Sequence[Override] = (),
     ) -> None:
         penalty = resolve_penalty(penalty)
         self.term = Term(
@@ -82,6 +93,8 @@ class Regularization(Callback):
             scale=scale,
             mode=resolve_mode(mode),
             name=name or penalty.name,
+            schedule=schedule,
+            overrides=[Override(**o) if isinstance(o, dict) else o for o in overrides],
         )
         self._hooks: list[Any] = []
         self._armed: set[int] = set()
@@ -98,7 +111,10 @@ class Regularization(Callback):
         t = self.term
         return (
             f"Regularization({t.penalty!r}, strength={t.strength!r}, mode={t.mode!r}, "
-            f"include={list(t.selector.include)}, exclude={list(t.selector.exclude)}, scale={t.scale!r}, name={t.name!r})"
+            f"include={list(t.selector.include)}, exclude={list(t.selector.exclude)}, scale={t.scale!r}, name={t.name!r}"
+            + (f", schedule={t.schedule!r}" if t.schedule is not None else "")
+            + (f", overrides={list(t.overrides)!r}" if t.overrides else "")
+            + ")"
         )
 
     # ---- resolution ---------------------------------------------------------------------
@@ -120,6 +136,23 @@ class Regularization(Callback):
         log.info("Term %r: %s, λ=%g, %s on %d tensors (%d weights).", self.name, self.term.penalty,
                  self.term.strength, self.term.mode, len(self.term.assignments), n)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Resuming from a checkpoint runs optimizer.load_state_dict *after* on_fit_start,
+        # and torch replaces the param-group dicts there: bind again to the live groups.
+        live = {id(g) for opt in trainer.optimizers for g in opt.param_groups}
+        if any(id(b.group) not in live for b in self.term.buckets):
+            self.term.bind(pl_module, list(trainer.optimizers))
+        # The largest lr seen so far (Decoupled(step="corrected")) continues from the checkpoint.
+        max_lr = getattr(self, "_loaded_state", {}).get("max_lr")
+        if max_lr is not None and len(max_lr) == len(self.term.buckets):
+            for b, m in zip(self.term.buckets, max_lr):
+                b.max_lr = m
+        self._loaded_state = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # Steps already taken (restored on resume): what the strength schedule reads.
+        self.term.step = trainer.global_step
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for handle in self._hooks:
             handle.remove()
@@ -128,6 +161,8 @@ class Regularization(Callback):
 
     # ---- the step -----------------------------------------------------------------------
     def _run(self, phase: str, optimizer: torch.optim.Optimizer) -> None:
+        if phase == "pre_update":  # a mode that acts after the update may need w_t
+            self.term.prepare({id(g) for g in optimizer.param_groups})
         if self.term.mode.phase == phase:
             self.term.apply({id(g) for g in optimizer.param_groups})
 
@@ -163,6 +198,7 @@ class Regularization(Callback):
         norm, sparsity = self.term.weight_stats()
         pl_module.log(f"weights/norm/{self.name}", norm, on_step=True, on_epoch=False)
         pl_module.log(f"weights/sparsity/{self.name}", sparsity, on_step=True, on_epoch=False)
+        pl_module.log(f"train/strength/{self.name}", float(self.term.strength_now()), on_step=True, on_epoch=False)
         if not isinstance(pl_module, _reg_module_type()):
             pl_module.log(f"train/penalty/{self.name}", self.penalty_value(), on_step=True, on_epoch=False)
 
