@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import warnings
 from pathlib import Path
 
 import pytest
 import yaml
 
-optuna = pytest.importorskip("optuna")
-if importlib.util.find_spec("regfit.cli") is None:  # only before the `regfit` command exists
-    pytest.skip("regfit.cli (the `regfit` command) is not in this tree", allow_module_level=True)
+import optuna
 
-from regfit import Regularization  # noqa: E402
-from regfit.cli import main as regfit_main  # noqa: E402
-from regfit.cli import run_cli  # noqa: E402
-from regfit.sweep import Objective  # noqa: E402
-from regfit.sweep_spec import load_sweep, make_sampler, suggest, trial_argv  # noqa: E402
+from regfit import Regularization
+from regfit.cli import main as regfit_main
+from regfit.cli import run_cli
+from regfit.sweep import Objective
+from regfit.sweep_spec import load_sweep, make_sampler, suggest, trial_argv
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 L2_SWEEP = REPO_ROOT / "configs" / "sweeps" / "mnist_l2_lambda_lr.yaml"
