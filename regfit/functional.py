@@ -20,6 +20,7 @@ __all__ = [
     "soft_threshold",
     "soft_threshold_",
     "half_threshold",
+    "half_threshold_factor",
     "lp_prox",
     "lp_value",
     "lp_grad",
@@ -66,15 +67,27 @@ def half_threshold(w: Tensor, t: float | Tensor) -> Tensor:
     """
     if not isinstance(t, Tensor) and t == 0:
         return w.clone()  # the trigonometric form is exact only up to rounding at t = 0
+    return half_threshold_factor(w, t).mul_(w)
+
+
+def half_threshold_factor(w: Tensor, t: float | Tensor) -> Tensor:
+    """The factor ``f`` with ``half_threshold(w, t) = f·w``: 0 where ``|w|`` is at most the
+    threshold, else ``⅔(1 + cos(2π/3 − ⅔φ))``.
+
+    Computed in place on one temporary (plus a boolean mask), so the in-place prox
+    ``w.mul_(f)`` holds little more than one copy of ``w``; ``(|w|/3)^{−3/2}`` is taken as
+    ``rsqrt(|w|/3)³``, far faster on CPU than the generic ``pow``.
+    """
     t = torch.as_tensor(t, dtype=w.dtype, device=w.device)
-    a = w.abs()
     threshold = 1.5 * t.pow(2.0 / 3.0)
-    # Clamp keeps arccos's argument in [-1, 1] and avoids 0^(-3/2) for entries that the
-    # threshold zeroes anyway; the `where` below discards those lanes.
-    safe = torch.clamp(a, min=torch.finfo(w.dtype).tiny).clamp(min=threshold)
-    phi = torch.arccos(torch.clamp((t / 4.0) * (safe / 3.0).pow(-1.5), -1.0, 1.0))
-    x = (2.0 / 3.0) * safe * (1.0 + torch.cos(2.0 * math.pi / 3.0 - (2.0 / 3.0) * phi))
-    return torch.where(a > threshold, torch.copysign(x, w), torch.zeros_like(w))
+    f = w.abs()
+    keep = f > threshold
+    # The clamps keep arccos's argument in [-1, 1] and avoid 0^(-3/2) for entries that the
+    # threshold zeroes anyway; `keep` discards those lanes.
+    f.clamp_(min=torch.finfo(w.dtype).tiny).clamp_(min=threshold)
+    f.div_(3.0).rsqrt_().pow_(3).mul_(t / 4.0).clamp_(-1.0, 1.0).arccos_()  # φ
+    f.mul_(-2.0 / 3.0).add_(2.0 * math.pi / 3.0).cos_().add_(1.0).mul_(2.0 / 3.0)
+    return f.mul_(keep)
 
 
 def lp_prox(w: Tensor, t: float, p: float, iters: int = 30) -> Tensor:

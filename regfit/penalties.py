@@ -210,6 +210,7 @@ class L1(Penalty):
                 clipped = torch._foreach_clamp_min(run, -t)
                 torch._foreach_clamp_max_(clipped, t)
                 torch._foreach_sub_(run, clipped)
+                del clipped  # before the next run allocates its own
 
 
 class ElasticNet(Penalty):
@@ -277,6 +278,13 @@ class Lp(Penalty):
         if self.p == 0.5:
             return F.half_threshold(w, t)
         return F.lp_prox(w, t, self.p)
+
+    def prox_(self, ws, t):
+        if self.p != 0.5:
+            return super().prox_(ws, t)
+        if t:
+            for w in ws:
+                w.mul_(F.half_threshold_factor(w, t))
 
     def add_grad_(self, gs, ws, alpha):
         for r in _runs(ws):

@@ -34,13 +34,13 @@ def test_add_grad_and_decay_equal_per_tensor_grad(penalty):
         torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("penalty", [L2(), L1()], ids=lambda p: type(p).__name__)
+@pytest.mark.parametrize("penalty", [L2(), L1(), LHalf()], ids=lambda p: type(p).__name__)
 def test_prox_equals_per_tensor_prox(penalty):
     ws = tensors()
     expected = [penalty.prox(w, 0.4) for w in ws]
     penalty.prox_(ws, 0.4)
     for got, exp in zip(ws, expected):
-        assert torch.equal(got, exp)  # same bits: the clamp split in two is the same clamp
+        assert torch.equal(got, exp)  # same bits (L1: the clamp split in two is the same clamp)
 
 
 def test_lp_grad_matches_the_two_piece_definition():
