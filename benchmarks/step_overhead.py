@@ -337,7 +337,7 @@ def bench_lightning(args, device, sync) -> None:
 
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    times = interleaved({name: (lambda name=name: run(name)) for name in setups}, max(3, args.rounds // 2))
+    times = interleaved({name: (lambda name=name: run(name)) for name in setups}, 1 if args.quick else max(3, args.rounds // 2))
     rows = []
     for num, den, op, target in [
         ("regfit_l2_logging_every_50", "regfit_l2_no_logging", "<=", 1.02),
@@ -361,7 +361,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=8, help="steps per variant per round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--lightning-steps", type=int, default=100, help="steps per Trainer run (logging every 50)")
+    parser.add_argument("--lightning-steps", type=int, default=200, help="steps per Trainer run (logging every 50)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--parts", nargs="+", default=["step", "memory", "lightning"], choices=["step", "memory", "lightning"])
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 1 step, small batch")
