@@ -231,6 +231,20 @@ def peak_extra_bytes(fn: Callable[[], None], device: torch.device) -> int:
     return peak
 
 
+def host_syncs(fn: Callable[[], None], device: torch.device) -> str:
+    """Whether ``fn`` waits for the GPU (CUDA's sync debug mode turns a sync into an error)."""
+    if device.type != "cuda":
+        return "n/a (CPU)"
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return "none"
+    except RuntimeError as err:
+        return f"SYNC: {str(err)[:40]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 MEMORY_CASES = [(L2(), Coupled()), (L1(), Coupled()), (LHalf(), Coupled()), (L2(), Decoupled()), (L1(), Decoupled()),
                 (LHalf(), Decoupled()), (L2(), Proximal()), (L1(), Proximal()), (LHalf(), Proximal())]
 
@@ -251,9 +265,9 @@ def bench_memory(args, device) -> None:
             extra = peak_extra_bytes(lambda: term.apply(), device)
             ratio = extra / largest
             rows.append([model_name, f"{mode.name} {penalty.name}", f"{extra / 2**20:.2f}", f"{largest / 2**20:.2f}",
-                         f"{ratio:.2f}", check(ratio, "<=", 1.0)])
+                         f"{ratio:.2f}", check(ratio, "<=", 1.0), host_syncs(term.apply, device)])
     print(f"\n### memory: peak temporaries of one term.apply ({'CUDA allocator' if device.type == 'cuda' else 'CPU profiler'})\n")
-    print(table(["model", "mode penalty", "peak extra MiB", "largest tensor MiB", "ratio", "target"], rows))
+    print(table(["model", "mode penalty", "peak extra MiB", "largest tensor MiB", "ratio", "target", "host sync"], rows))
 
 
 # ---- the callback inside Lightning ----------------------------------------------------------
