@@ -78,8 +78,9 @@ def half_threshold_factor(w: Tensor, t: float | Tensor) -> Tensor:
     ``w.mul_(f)`` holds little more than one copy of ``w``; ``(|w|/3)^{−3/2}`` is taken as
     ``rsqrt(|w|/3)³``, far faster on CPU than the generic ``pow``.
     """
-    t = torch.as_tensor(t, dtype=w.dtype, device=w.device)
-    threshold = 1.5 * t.pow(2.0 / 3.0)
+    # A float t stays a Python number: a device tensor made from it would be a host-to-GPU
+    # copy, i.e. a synchronization, at every proximal step.
+    threshold = 1.5 * (t.pow(2.0 / 3.0) if isinstance(t, Tensor) else t ** (2.0 / 3.0))
     f = w.abs()
     keep = f > threshold
     # The clamps keep arccos's argument in [-1, 1] and avoid 0^(-3/2) for entries that the
