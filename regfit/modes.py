@@ -13,6 +13,8 @@ coupled        g ← g + λ·c·∇R(w)                           after backward
                                                            λ·c·R to the loss
 decoupled      w ← w − η·λ·c·∇R(w)                         before the update (AdamW)
 proximal       w ← prox_{η·λ·c·R}(w)                       after the update
+cautious       w ← w − η·λ·c·𝕀(u ⊙ ∇R(w) ≥ 0) ⊙ ∇R(w)      after the update u, with the
+                                                           weights from before it
 =============  ==========================================  ===============================
 
 ``coupled L2 + SGD`` ≡ ``SGD(weight_decay=λ)``; ``decoupled L2 + Adam`` ≡
@@ -22,13 +24,14 @@ proximal       w ← prox_{η·λ·c·R}(w)                       after the upda
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
+import torch
 from torch import Tensor
 
 from regfit.penalties import Penalty
 
-__all__ = ["Mode", "Coupled", "Decoupled", "Proximal", "Bucket", "ModeSpec", "resolve_mode"]
+__all__ = ["Mode", "Coupled", "Decoupled", "CautiousDecoupled", "Proximal", "Bucket", "ModeSpec", "resolve_mode"]
 
 Phase = Literal["gradient", "pre_update", "post_update"]
 
@@ -48,6 +51,8 @@ class Bucket:
     initial_lr: float = 0.0
     max_lr: float = 0.0
     names: list[str] = field(default_factory=list)
+    #: scratch space a mode may keep between ``prepare`` and ``apply`` of one step
+    state: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def lr(self) -> float:
@@ -66,6 +71,10 @@ class Mode:
 
     def apply(self, penalty: Penalty, bucket: Bucket, strength: float) -> None:
         raise NotImplementedError
+
+    def prepare(self, penalty: Penalty, bucket: Bucket) -> None:
+        """Called before the optimizer update of every real step (after backward), for a
+        mode that needs the pre-update weights; the default does nothing."""
 
     def step_size(self, bucket: Bucket) -> float:
         """η in the update formula (1 for coupled: the optimizer supplies the step)."""
@@ -127,6 +136,50 @@ class Decoupled(Mode):
             penalty.decay_(params, alpha)
 
 
+class CautiousDecoupled(Decoupled):
+    """Cautious weight decay: a decoupled step applied only on the coordinates where the
+    optimizer's update agrees in sign with the penalty's gradient (Chen et al. 2025,
+    arXiv:2510.12402).
+
+    .. math::  w_{t+1} = w_t - \eta_t u_t - \eta\lambda c\;
+               \mathbb{1}[u_t \odot \nabla R(w_t) \ge 0] \odot \nabla R(w_t)
+
+    where the optimizer's own step is ``w ← w − η·u``. For ``L2`` (∇R = w) this is the
+    paper's rule 𝕀(u ⊙ w ≥ 0): decay only weights the update already pushes towards 0,
+    never fight an update that moves a weight away from 0. For ``L1`` (∇R = sign w) the
+    mask is the same.
+
+    The update direction exists only after the optimizer step, so the mode works in two
+    halves: ``prepare`` (before the update) keeps a copy of the weights w_t, and ``apply``
+    (after the update) reads sign(u) = sign(w_t − w_{t+1}) from the change and decays
+    with ∇R(w_t). This holds for any optimizer (SGD, Adam, Lion, …) and costs one copy of
+    the selected weights during the step. An update too small to change a weight in its
+    floating-point format counts as u = 0 (decayed, as 𝕀(·≥0) says). Under a GradScaler a
+    skipped step neither copies nor decays.
+
+    Args:
+        step: η, as for :class:`Decoupled` (``lr``, ``independent``, ``corrected``).
+    """
+
+    phase = "post_update"
+    name = "cautious"
+
+    def prepare(self, penalty, bucket):
+        params = bucket.stepping()
+        bucket.state["before"] = (params, torch._foreach_clone(params) if params else [])
+
+    def apply(self, penalty, bucket, strength):
+        params, before = bucket.state.pop("before", ((), ()))
+        alpha = self.step_size(bucket) * strength * bucket.coeff
+        if not params or not alpha:
+            return
+        for w, w0 in zip(params, before):
+            g = penalty.grad(w0)
+            # −u ∝ w_{t+1} − w_t; the mask keeps coordinates where u·∇R ≥ 0.
+            agree = (w0 - w).mul_(g) >= 0
+            w.sub_(g.mul_(agree), alpha=alpha)
+
+
 class Proximal(Mode):
     """Replace the weights by ``prox_{η·λ·c·R}`` after the optimizer update, η = current lr
     (proximal gradient descent; exact zeros for L1, L1/2 and group lasso)."""
@@ -144,8 +197,8 @@ class Proximal(Mode):
             penalty.prox_(params, t)
 
 
-ModeSpec = Union[Literal["coupled", "decoupled", "proximal"], Mode]
-_BY_NAME = {"coupled": Coupled, "decoupled": Decoupled, "proximal": Proximal}
+ModeSpec = Union[Literal["coupled", "decoupled", "proximal", "cautious"], Mode]
+_BY_NAME = {"coupled": Coupled, "decoupled": Decoupled, "proximal": Proximal, "cautious": CautiousDecoupled}
 
 
 def resolve_mode(mode: ModeSpec) -> Mode:
@@ -155,6 +208,6 @@ def resolve_mode(mode: ModeSpec) -> Mode:
     if isinstance(mode, str) and mode in _BY_NAME:
         return _BY_NAME[mode]()
     raise ValueError(
-        f"Unknown mode {mode!r}. Use 'coupled', 'decoupled' or 'proximal' "
+        f"Unknown mode {mode!r}. Use 'coupled', 'decoupled', 'proximal' or 'cautious' "
         "(or regfit.modes.Decoupled(step='independent') for a step-size variant)."
     )

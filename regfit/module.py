@@ -51,7 +51,9 @@ class RegModule(pl.LightningModule):
         # Two names rather than Lightning's automatic _step/_epoch suffixes, so the step
         # curve keeps the documented name train/data_loss.
         self.log("train/data_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self.log("train/data_loss_epoch", loss, on_step=False, on_epoch=True)
+        # The epoch mean is averaged over processes (one all-reduce per epoch); the step value
+        # is this process's micro-batch loss (rank 0's under DDP), not synchronized per step.
+        self.log("train/data_loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True)
         self.log_penalty(loss)
         return loss
 
@@ -83,7 +85,9 @@ class RegModule(pl.LightningModule):
         total = torch.stack(list(values.values())).sum() if values else torch.zeros((), device=data_loss.device)
         total = total.to(data_loss.device)
         self.log("train/penalty", total, on_step=True, on_epoch=False)
-        self.log("train/loss", data_loss.detach().float() + total, on_step=True, on_epoch=False)
+        # at least float32 (a bf16 loss is upcast), and float64 stays float64
+        data = data_loss.detach().to(torch.promote_types(data_loss.dtype, torch.float32))
+        self.log("train/loss", data + total, on_step=True, on_epoch=False)
         for name, value in values.items():
             self.log(f"train/penalty/{name}", value.to(data_loss.device), on_step=True, on_epoch=False)
 

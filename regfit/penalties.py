@@ -15,7 +15,14 @@ penalty                 R(w)                                            equivale
 ``ElasticNet(α)``       α‖w‖₁ + (1−α)·½‖w‖²                              scikit-learn ``l1_ratio``
 ``Lp(p)``, ``LHalf()``  Σ|w|^p, 0 < p < 1                               —
 ``GroupLasso()``        Σ_g √|g|·‖w_g‖₂ over slices along dim 0          —
+``Orthogonal()``        ‖WWᵀ − I‖²_F (rows) or ‖WᵀW − I‖²_F (columns)    Keras 3 ``OrthogonalRegularizer`` ≡ ``normalized=True``, dims swapped
+``Nuclear()``           Σ σ_i(W)                                        —
+``SpectralNorm()``      σ_max(W), by power iteration                    —
 ======================  ==============================================  =====================
+
+Matrix penalties (``Orthogonal``, ``Nuclear``, ``SpectralNorm``) see a tensor of shape
+(out, …) as the matrix W = w.reshape(out, −1): a Linear weight as is, a Conv weight with
+one row per output filter. They refuse 1-d tensors (add ``exclude: ["ndim<2"]``).
 
 Writing your own penalty takes one method; the gradient then comes from autograd and the
 penalty works in ``coupled`` and ``decoupled`` mode (``proximal`` needs :meth:`prox`)::
@@ -27,14 +34,15 @@ penalty works in ``coupled`` and ``decoupled`` mode (``proximal`` needs :meth:`p
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
 
 from regfit import functional as F
 
-__all__ = ["Penalty", "L2", "L1", "ElasticNet", "Lp", "LHalf", "GroupLasso", "resolve_penalty"]
+__all__ = ["Penalty", "L2", "L1", "ElasticNet", "Lp", "LHalf", "GroupLasso", "Orthogonal", "Nuclear", "SpectralNorm",
+           "resolve_penalty"]
 
 
 class Penalty:
@@ -329,12 +337,165 @@ class GroupLasso(Penalty):
         return F.block_soft_threshold(w, t)
 
 
+def _matrix(w: Tensor) -> Tensor:
+    return w.reshape(w.shape[0], -1)
+
+
+class _MatrixPenalty(Penalty):
+    """A penalty on W = w.reshape(out, −1); checks at fit start that tensors are ≥ 2-d."""
+
+    def check_param(self, name: str, w: Tensor) -> None:
+        if w.ndim < 2:
+            raise ValueError(
+                f"{type(self).__name__} is a matrix penalty, but {name} has shape {tuple(w.shape)}. "
+                "Exclude vectors from the term: exclude: ['ndim<2'] (or ['bias', 'norm'])."
+            )
+
+
+class Orthogonal(_MatrixPenalty):
+    """Soft orthogonality (Bansal et al. 2018): the rows (or columns) of W orthonormal.
+
+    .. math::  R(W) = \lVert W W^\top - I \rVert_F^2 \;(\text{rows}),\qquad
+               \nabla R = 4\,(W W^\top - I)\,W
+
+    .. math::  R(W) = \lVert W^\top W - I \rVert_F^2 \;(\text{columns}),\qquad
+               \nabla R = 4\,W\,(W^\top W - I)
+
+    R = 0 exactly when the rows (columns) are orthonormal; it needs out ≤ in for rows
+    (in ≤ out for columns) to be reachable. With W = w.reshape(out, −1), "rows" are the
+    output units (filters of a Conv).
+
+    ``normalized=True`` is Keras 3's ``OrthogonalRegularizer``: the rows are first scaled
+    to unit norm, and R is the mean absolute cosine over pairs,
+
+    .. math::  R(W) = \frac{1}{n(n-1)/2} \sum_{i<j} |\langle \hat w_i, \hat w_j \rangle|,
+
+    which ignores the norms (only angles are penalized); its gradient comes from autograd.
+    Keras kernels are (in, out), the transpose of torch's Linear weight, so Keras
+    ``OrthogonalRegularizer(factor=f, mode="rows")`` ≡ regfit
+    ``Orthogonal(dims="columns", normalized=True)`` with strength λ = f, and Keras
+    ``mode="columns"`` ≡ ``dims="rows"``.
+
+    >>> Orthogonal().value(torch.eye(3))
+    tensor(0.)
+
+    Args:
+        dims: ``rows`` or ``columns`` of W.
+        normalized: the Keras variant (angles only) instead of ‖G − I‖²_F.
+    """
+
+    name = "orthogonal"
+
+    def __init__(self, dims: Literal["rows", "columns"] = "rows", normalized: bool = False) -> None:
+        if dims not in ("rows", "columns"):
+            raise ValueError(f"Orthogonal(dims={dims!r}): use 'rows' (output units) or 'columns' (input units).")
+        self.dims = dims
+        self.normalized = bool(normalized)
+
+    def _vectors(self, w: Tensor) -> Tensor:
+        """The vectors to orthogonalize, one per row."""
+        m = _matrix(w)
+        return m if self.dims == "rows" else m.T
+
+    def value(self, w: Tensor) -> Tensor:
+        v = self._vectors(w)
+        n = v.shape[0]
+        if self.normalized:
+            if n < 2:
+                return v.new_zeros(())
+            # Keras's l2_normalize: v / sqrt(max(‖v‖², 1e-12))
+            v = v * torch.rsqrt(v.pow(2).sum(1, keepdim=True).clamp_min(1e-12))
+            gram = v @ v.T
+            off = gram - torch.diag_embed(torch.diagonal(gram))
+            return 0.5 * off.abs().sum() / (n * (n - 1) / 2.0)
+        gram = v @ v.T
+        return (gram - torch.eye(n, dtype=v.dtype, device=v.device)).pow(2).sum()
+
+    def grad(self, w: Tensor) -> Tensor:
+        if self.normalized:
+            return super().grad(w)
+        v = self._vectors(w)
+        gram = v @ v.T
+        gram.diagonal().sub_(1.0)
+        g = 4.0 * gram @ v
+        return (g if self.dims == "rows" else g.T).reshape(w.shape)
+
+
+class Nuclear(_MatrixPenalty):
+    """Nuclear (trace) norm :math:`R(W) = \sum_i \sigma_i(W)`, the convex surrogate of rank.
+
+    ``grad`` is :math:`U_r V_r^\top` over the nonzero singular values (a subgradient);
+    ``prox`` is singular-value soft-thresholding,
+    :math:`U\,\mathrm{diag}(\max(\sigma - t, 0))\,V^\top`, which lowers the rank
+    exactly (Cai, Candès & Shen 2010). Each call takes an SVD: meant for small and medium
+    matrices.
+
+    >>> Nuclear().value(torch.diag(torch.tensor([3.0, -1.0])))
+    tensor(4.)
+    """
+
+    name = "nuclear"
+
+    def value(self, w: Tensor) -> Tensor:
+        return torch.linalg.matrix_norm(_matrix(w), ord="nuc")
+
+    def grad(self, w: Tensor) -> Tensor:
+        u, s, vh = torch.linalg.svd(_matrix(w), full_matrices=False)
+        keep = (s > s.max() * max(w.shape) * torch.finfo(s.dtype).eps).to(u.dtype)
+        return ((u * keep) @ vh).reshape(w.shape)
+
+    def prox(self, w: Tensor, t: float) -> Tensor:
+        u, s, vh = torch.linalg.svd(_matrix(w), full_matrices=False)
+        return ((u * (s - t).clamp_min(0)) @ vh).reshape(w.shape)
+
+
+class SpectralNorm(_MatrixPenalty):
+    """Spectral norm :math:`R(W) = \sigma_{\max}(W)`, by power iteration (Yoshida &
+    Miyato 2017), with :math:`\nabla R = u_1 v_1^\top`.
+
+    Each call runs ``n_iter`` power iterations from a fixed start vector, so the result is
+    deterministic and needs no state; raise ``n_iter`` when the top two singular values
+    are close. ``value`` is differentiable (autograd gives the same u₁v₁ᵀ).
+
+    Args:
+        n_iter: power iterations per call (≥ 1).
+    """
+
+    name = "spectralnorm"
+
+    def __init__(self, n_iter: int = 30) -> None:
+        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+            raise ValueError(f"SpectralNorm(n_iter={n_iter!r}): n_iter must be an integer ≥ 1.")
+        self.n_iter = n_iter
+
+    def _singular_vectors(self, m: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            v = torch.randn(m.shape[1], generator=gen, dtype=torch.float64).to(m)
+            v = v / v.norm().clamp_min(1e-30)
+            for _ in range(self.n_iter):
+                u = m @ v
+                u = u / u.norm().clamp_min(1e-30)
+                v = m.T @ u
+                v = v / v.norm().clamp_min(1e-30)
+        return u, v
+
+    def value(self, w: Tensor) -> Tensor:
+        m = _matrix(w)
+        u, v = self._singular_vectors(m.detach())
+        return u @ m @ v  # = σ_max at convergence; its gradient is u vᵀ
+
+    def grad(self, w: Tensor) -> Tensor:
+        u, v = self._singular_vectors(_matrix(w))
+        return torch.outer(u, v).reshape(w.shape)
+
+
 def _as_tensor(coeffs: Sequence[float], like: Tensor) -> Tensor:
     return torch.as_tensor(coeffs, dtype=like.dtype, device=like.device)
 
 
 _BY_NAME: dict[str, type[Penalty]] = {
-    cls.name: cls for cls in (L2, L1, ElasticNet, Lp, LHalf, GroupLasso)
+    cls.name: cls for cls in (L2, L1, ElasticNet, Lp, LHalf, GroupLasso, Orthogonal, Nuclear, SpectralNorm)
 }
 
 

@@ -6,7 +6,8 @@ Where each mode runs in Lightning's step (automatic optimization)::
     on_before_optimizer_step               ← decoupled decay (grads unscaled, weights unchanged)
     configure_gradient_clipping            ← coupled gradient, after clipping (RegModule)
     optimizer update
-    optimizer step post-hook               ← proximal step (never fires for a skipped AMP step)
+    optimizer step post-hook               ← proximal step, cautious decay (never fires for a
+                                             skipped AMP step)
 
 Coupled gradients are added *after* clipping, as torch's own ``weight_decay`` is (it is
 added inside ``optimizer.step``, after any clipping), so ``coupled L2`` with clipping still
@@ -17,6 +18,15 @@ under manual optimization) there is no after-clip hook, so the gradient is added
 Under a GradScaler (``16-mixed``), the decoupled decay is deferred to an optimizer step
 pre-hook, which the scaler calls only when the step is really taken: a skipped step
 applies no decay and no prox.
+
+Under DDP every rank applies the term to its own replica after the gradients are
+averaged (``on_before_optimizer_step`` runs after the all-reduce), so the replicas stay
+identical and the term adds no collective communication of its own.
+
+Parameters are bound to the optimizers' param groups at fit start and bound again in
+``on_train_start`` if a checkpoint restored the optimizer meanwhile
+(``Optimizer.load_state_dict`` replaces the param-group dicts); the term's state from the
+checkpoint is applied there too.
 """
 
 from __future__ import annotations
@@ -27,12 +37,15 @@ from typing import Any, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
+from regfit.guard import OnNonFinite, apply_guarded
 from regfit.modes import ModeSpec, resolve_mode
 from regfit.penalties import Penalty, resolve_penalty
 from regfit.scaling import ScaleRule
+from regfit.schedules import Schedule
 from regfit.selection import Selector
-from regfit.term import Term
+from regfit.term import Override, Term
 
 __all__ = ["Regularization", "regularizations", "is_logging_step"]
 
@@ -55,6 +68,18 @@ class Regularization(Callback):
             penalty's short name. Two terms in one run need different names: the name
             keys their logs and checkpoint state (Lightning refuses two callbacks with one
             ``state_key``).
+        schedule: a :mod:`regfit.schedules` object making λ a function of the step,
+            λ_t = λ·m(t) with t = ``trainer.global_step`` (so it resumes where it stopped);
+            logged as ``train/strength/<name>``. Default: constant λ.
+        overrides: per-selector strength multipliers, e.g.
+            ``[Override(include=["head.*"], strength_mult=0.1)]`` (YAML:
+            ``[{include: ["head.*"], strength_mult: 0.1}]``); folded into each parameter's
+            coefficient c, so ``regfit groups`` shows them.
+        on_nonfinite: what happens when the term's update would write NaN/inf into the
+            gradients or weights (see :mod:`regfit.guard`): ``raise`` (default) undoes it
+            and stops with an error naming the term and parameters; ``skip`` undoes it,
+            warns, and trains on; ``off`` does not check (saves one reduction and one
+            host sync per step).
 
     Example::
 
@@ -73,7 +98,13 @@ class Regularization(Callback):
         exclude: Sequence[str] = (),
         scale: ScaleRule = "none",
         name: str | None = None,
+        schedule: Schedule | None = None,
+        overrides: Sequence[Override] = (),
+        on_nonfinite: OnNonFinite = "raise",
     ) -> None:
+        if on_nonfinite not in ("raise", "skip", "off"):
+            raise ValueError(f"on_nonfinite={on_nonfinite!r}: use 'raise', 'skip' or 'off'.")
+        self.on_nonfinite = on_nonfinite
         penalty = resolve_penalty(penalty)
         self.term = Term(
             penalty=penalty,
@@ -82,9 +113,12 @@ class Regularization(Callback):
             scale=scale,
             mode=resolve_mode(mode),
             name=name or penalty.name,
+            schedule=schedule,
+            overrides=[Override(**o) if isinstance(o, dict) else o for o in overrides],
         )
         self._hooks: list[Any] = []
         self._armed: set[int] = set()
+        self._loaded_state: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -98,7 +132,10 @@ class Regularization(Callback):
         t = self.term
         return (
             f"Regularization({t.penalty!r}, strength={t.strength!r}, mode={t.mode!r}, "
-            f"include={list(t.selector.include)}, exclude={list(t.selector.exclude)}, scale={t.scale!r}, name={t.name!r})"
+            f"include={list(t.selector.include)}, exclude={list(t.selector.exclude)}, scale={t.scale!r}, name={t.name!r}"
+            + (f", schedule={t.schedule!r}" if t.schedule is not None else "")
+            + (f", overrides={list(t.overrides)!r}" if t.overrides else "")
+            + ")"
         )
 
     # ---- resolution ---------------------------------------------------------------------
@@ -107,6 +144,7 @@ class Regularization(Callback):
         self.term.assign(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _refuse_sharded(self.name, self.term.assign(pl_module))
         orphans = self.term.bind(pl_module, list(trainer.optimizers))
         if orphans:
             log.warning("Term %r: %d selected parameters are in no optimizer and are left alone: %s",
@@ -120,6 +158,20 @@ class Regularization(Callback):
         log.info("Term %r: %s, λ=%g, %s on %d tensors (%d weights).", self.name, self.term.penalty,
                  self.term.strength, self.term.mode, len(self.term.assignments), n)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Resuming from a checkpoint runs optimizer.load_state_dict *after* on_fit_start,
+        # and torch replaces the param-group dicts there: bind again to the live groups.
+        live = {id(g) for opt in trainer.optimizers for g in opt.param_groups}
+        if any(id(b.group) not in live for b in self.term.buckets):
+            self.term.bind(pl_module, list(trainer.optimizers))
+        if self._loaded_state is not None:  # the term's state from the checkpoint
+            self._restore(self._loaded_state)
+            self._loaded_state = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # Steps already taken (restored on resume): what the strength schedule reads.
+        self.term.step = trainer.global_step
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for handle in self._hooks:
             handle.remove()
@@ -128,8 +180,10 @@ class Regularization(Callback):
 
     # ---- the step -----------------------------------------------------------------------
     def _run(self, phase: str, optimizer: torch.optim.Optimizer) -> None:
+        if phase == "pre_update":  # a mode that acts after the update may need w_t
+            self.term.prepare({id(g) for g in optimizer.param_groups})
         if self.term.mode.phase == phase:
-            self.term.apply({id(g) for g in optimizer.param_groups})
+            apply_guarded(self.term, {id(g) for g in optimizer.param_groups}, self.on_nonfinite)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self._defer_coupled:
@@ -163,15 +217,66 @@ class Regularization(Callback):
         norm, sparsity = self.term.weight_stats()
         pl_module.log(f"weights/norm/{self.name}", norm, on_step=True, on_epoch=False)
         pl_module.log(f"weights/sparsity/{self.name}", sparsity, on_step=True, on_epoch=False)
+        pl_module.log(f"train/strength/{self.name}", float(self.term.strength_now()), on_step=True, on_epoch=False)
         if not isinstance(pl_module, _reg_module_type()):
             pl_module.log(f"train/penalty/{self.name}", self.penalty_value(), on_step=True, on_epoch=False)
 
     # ---- checkpoint ---------------------------------------------------------------------
+    def config(self) -> dict[str, str]:
+        """The term's settings as strings, saved in checkpoints to detect a changed config."""
+        t = self.term
+        return {"penalty": repr(t.penalty), "strength": repr(t.strength), "mode": repr(t.mode),
+                "include": repr(list(t.selector.include)), "exclude": repr(list(t.selector.exclude)),
+                "scale": repr(t.scale), "name": repr(t.name), "schedule": repr(t.schedule),
+                "overrides": repr(list(t.overrides))}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"config": repr(self), "max_lr": [b.max_lr for b in self.term.buckets]}
+        # max_lr: the largest lr seen per bucket, which Decoupled(step="corrected") divides by.
+        return {"config": self.config(), "max_lr": [b.max_lr for b in self.term.buckets]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded_state = state_dict
+        # Applied in on_train_start, once the buckets exist (they need the restored optimizers).
+        self._loaded_state = dict(state_dict)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        # The strength schedule needs no state: it reads trainer.global_step, restored by Lightning.
+        changes = _config_changes(state.get("config"), self.config(), repr(self))
+        if changes:
+            rank_zero_warn(
+                f"Term {self.name!r}: the checkpoint was trained with a different regularization config; "
+                f"resuming with the current one. Changed: {'; '.join(changes)}."
+            )
+        max_lr = state.get("max_lr", [])
+        if len(max_lr) == len(self.term.buckets):
+            for bucket, value in zip(self.term.buckets, max_lr):
+                bucket.max_lr = max(bucket.max_lr, float(value))
+        elif max_lr:
+            rank_zero_warn(f"Term {self.name!r}: the checkpoint has {len(max_lr)} parameter buckets, this run "
+                           f"{len(self.term.buckets)}; the step-size state (max_lr) starts afresh.")
+
+
+def _config_changes(saved: Any, current: dict[str, str], current_repr: str) -> list[str]:
+    """Human-readable differences ``key: saved → current`` between two configs."""
+    if saved is None:
+        return []
+    if not isinstance(saved, dict):  # a checkpoint from before configs were saved by field
+        return [] if saved == current_repr else [f"config: {saved} → {current_repr}"]
+    keys = list(current) + [k for k in saved if k not in current]
+    return [f"{k}: {saved.get(k, '(absent)')} → {current.get(k, '(absent)')}" for k in keys if saved.get(k) != current.get(k)]
+
+
+def _refuse_sharded(term: str, assignments) -> None:
+    # Penalty values and updates of sharded (DTensor) parameters need per-shard kernels and
+    # an all-reduce of the shard sums, which regfit does not implement yet.
+    from torch.distributed.tensor import DTensor
+
+    sharded = [a.name for a in assignments if isinstance(a.param, DTensor)]
+    if sharded:
+        raise NotImplementedError(
+            f"Term {term!r}: parameters {', '.join(sharded[:3])}{' …' if len(sharded) > 3 else ''} are sharded "
+            "DTensors (FSDP2 / ModelParallelStrategy), which regfit does not support yet. "
+            "Use --trainer.strategy=ddp (replicated parameters), or leave these parameters out with exclude=[...]."
+        )
 
 
 def regularizations(trainer: pl.Trainer | None) -> list[Regularization]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -17,9 +18,10 @@ from torch import Tensor, nn
 from regfit.modes import Bucket, Mode, Proximal
 from regfit.penalties import Penalty
 from regfit.scaling import ScaleRule, scale_fn
+from regfit.schedules import Schedule
 from regfit.selection import ParamInfo, Selector
 
-__all__ = ["Term", "Assignment", "validate_strength"]
+__all__ = ["Term", "Assignment", "Override", "validate_strength", "bucket_by_group"]
 
 
 def validate_strength(strength: float, where: str = "strength") -> float:
@@ -30,6 +32,62 @@ def validate_strength(strength: float, where: str = "strength") -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{where}={strength!r} must be a finite number ≥ 0, e.g. {where}=1e-4.")
     return value
+
+
+@dataclass
+class Override:
+    """A strength multiplier for the term's parameters matching ``include``/``exclude``.
+
+    The coefficient of a parameter becomes ``c(w) · Π strength_mult`` over every override
+    that selects it (overrides compose by product; order does not matter). In YAML::
+
+        overrides:
+          - {include: ["head.*"], strength_mult: 0.1}
+          - {include: ["type:Conv2d"], exclude: ["bias"], strength_mult: 2.0}
+
+    Args:
+        include: selector rules (keywords, ``type:…``, globs); empty means every parameter
+            of the term.
+        exclude: rules removing parameters from this override.
+        strength_mult: multiplier ≥ 0 of λ for the matched parameters (0 switches the
+            term off for them).
+    """
+
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    strength_mult: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.strength_mult = validate_strength(self.strength_mult, "strength_mult")
+        self.selector = Selector(include=self.include, exclude=self.exclude)
+
+
+def bucket_by_group(
+    assignments: Sequence["Assignment"], optimizers: Sequence[torch.optim.Optimizer]
+) -> tuple[list[Bucket], list[str]]:
+    """Group assignments into buckets of (optimizer param group, coefficient).
+
+    Returns the buckets and the names of assigned parameters that no optimizer updates.
+    """
+    where: dict[int, dict] = {}
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                where[id(p)] = group
+    buckets: dict[tuple[int, float], Bucket] = {}
+    orphans = []
+    for a in assignments:
+        group = where.get(id(a.param))
+        if group is None:
+            orphans.append(a.name)
+            continue
+        key = (id(group), a.coeff)
+        if key not in buckets:
+            lr0 = float(group.get("initial_lr", group.get("lr", 0.0)))
+            buckets[key] = Bucket([], a.coeff, group, initial_lr=lr0, max_lr=lr0)
+        buckets[key].params.append(a.param)
+        buckets[key].names.append(a.name)
+    return list(buckets.values()), orphans
 
 
 @dataclass(frozen=True)
@@ -43,7 +101,12 @@ class Assignment:
 
 @dataclass
 class Term:
-    """(penalty, strength λ, selector, scale, mode, name)."""
+    """(penalty, strength λ, selector, scale, mode, name), plus an optional strength
+    schedule and per-selector overrides.
+
+    ``step`` is the number of optimizer steps taken so far; the callback sets it at the
+    start of every batch from ``trainer.global_step``, and the schedule reads it.
+    """
 
     penalty: Penalty
     strength: float
@@ -51,6 +114,9 @@ class Term:
     scale: ScaleRule
     mode: Mode
     name: str
+    schedule: Schedule | None = None
+    overrides: Sequence[Override] = ()
+    step: int = 0
     buckets: list[Bucket] = field(default_factory=list, repr=False)
     assignments: list[Assignment] = field(default_factory=list, repr=False)
 
@@ -62,16 +128,40 @@ class Term:
                 "mode='proximal' cannot apply it. Use mode='coupled' or 'decoupled', or implement prox()."
             )
         self._scale = scale_fn(self.scale)
+        if self.schedule is not None and not isinstance(self.schedule, Schedule):
+            raise ValueError(
+                f"Term {self.name!r}: schedule={self.schedule!r} is not a regfit.schedules.Schedule; "
+                "use e.g. regfit.schedules.Cosine(total_steps=1000)."
+            )
+        self.overrides = tuple(self.overrides)
+        for o in self.overrides:
+            if not isinstance(o, Override):
+                raise ValueError(
+                    f"Term {self.name!r}: override {o!r} is not an Override; write "
+                    "{include: [...], exclude: [...], strength_mult: 0.1}."
+                )
 
     # ---- resolution ---------------------------------------------------------------------
     def assign(self, model: nn.Module) -> list[Assignment]:
         """Select parameters and compute their coefficients (no optimizer needed)."""
         selected: list[ParamInfo] = self.selector.select(model)
+        bind = getattr(self._scale, "bind", None)
+        if callable(bind):  # a scale that needs the whole model (e.g. DepthDecay)
+            bind(model)
+        check = getattr(self.penalty, "check_param", None)
+        mults = {}
+        for o in self.overrides:
+            for info in o.selector.select(model):
+                mults[info.name] = mults.get(info.name, 1.0) * o.strength_mult
         assignments = []
         for info in selected:
+            if callable(check):
+                check(info.name, info.param)
             coeff = float(self._scale(info.name, info.param))
             if not math.isfinite(coeff) or coeff < 0:
                 raise ValueError(f"Term {self.name!r}: scale gave c={coeff!r} for {info.name}; it must be finite and ≥ 0.")
+            if info.name in mults:
+                coeff *= mults[info.name]
             assignments.append(Assignment(info.name, info.param, coeff))
         self.assignments = assignments
         return assignments
@@ -80,38 +170,33 @@ class Term:
         """Resolve to buckets of (param group, coefficient). Returns the names of selected
         parameters that no optimizer updates (they are left alone)."""
         self.assign(model)
-        where: dict[int, dict] = {}
-        for opt in optimizers:
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    where[id(p)] = group
-        buckets: dict[tuple[int, float], Bucket] = {}
-        orphans = []
-        for a in self.assignments:
-            group = where.get(id(a.param))
-            if group is None:
-                orphans.append(a.name)
-                continue
-            key = (id(group), a.coeff)
-            if key not in buckets:
-                lr0 = float(group.get("initial_lr", group.get("lr", 0.0)))
-                buckets[key] = Bucket([], a.coeff, group, initial_lr=lr0, max_lr=lr0)
-            buckets[key].params.append(a.param)
-            buckets[key].names.append(a.name)
-        self.buckets = list(buckets.values())
+        self.buckets, orphans = bucket_by_group(self.assignments, optimizers)
         return orphans
 
     # ---- per-step work ------------------------------------------------------------------
-    def strength_now(self) -> float:
-        return self.strength
+    def strength_now(self, bucket: Bucket | None = None) -> float:
+        """λ_t = λ·m(step) at the current step; :class:`~regfit.schedules.FollowLR` reads the
+        lr ratio of ``bucket``'s param group (default: the first bucket's)."""
+        if self.schedule is None:
+            return self.strength
+        if bucket is None and self.buckets:
+            bucket = self.buckets[0]
+        ratio = bucket.lr / bucket.initial_lr if bucket is not None and bucket.initial_lr else 1.0
+        return self.strength * float(self.schedule(self.step, ratio))
 
-    def apply(self, group_ids: set[int] | None = None) -> None:
-        """Run the mode on every bucket (or those of the given param groups)."""
-        strength = self.strength_now()
+    def prepare(self, group_ids: set[int] | None = None) -> None:
+        """Let the mode look at the weights before the update (see ``Mode.prepare``)."""
         with torch.no_grad():
             for bucket in self.buckets:
                 if group_ids is None or id(bucket.group) in group_ids:
-                    self.mode.apply(self.penalty, bucket, strength)
+                    self.mode.prepare(self.penalty, bucket)
+
+    def apply(self, group_ids: set[int] | None = None) -> None:
+        """Run the mode on every bucket (or those of the given param groups)."""
+        with torch.no_grad():
+            for bucket in self.buckets:
+                if group_ids is None or id(bucket.group) in group_ids:
+                    self.mode.apply(self.penalty, bucket, self.strength_now(bucket))
 
     def value(self) -> Tensor:
         """λ·Σ c·R(w) over the term's tensors, without building a graph."""

@@ -144,3 +144,25 @@ def test_proximal_l1_with_sgd_equals_hand_written_proximal_gradient():
             for p in ref.parameters():
                 p.copy_(torch.sign(p) * torch.clamp(p.abs() - 0.1 * 0.05, min=0))
     assert max_param_diff(model, ref) <= 1e-12
+
+
+@pytest.mark.parametrize("mode", ["coupled", "decoupled"])
+def test_clipping_with_accumulation_order(mode):
+    """accumulate 2 micro-batches → clip the summed data gradient → add the coupled
+    gradient (or decay, for decoupled) → step: torch's weight_decay order, once per step."""
+    micro = batches(2 * 30, batch_size=8)
+    model = TinyNet(optimizer=lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9))
+    ref = copy.deepcopy(model)
+    fit(model, micro, [Regularization(L2(), strength=0.05, mode=mode)], accumulate_grad_batches=2, gradient_clip_val=0.1)
+    opt = (torch.optim.SGD(ref.parameters(), lr=0.5, momentum=0.9, weight_decay=0.05) if mode == "coupled"
+           else torch.optim.SGD(ref.parameters(), lr=0.5, momentum=0.9))
+    for i in range(0, len(micro), 2):
+        opt.zero_grad()
+        for x, y in micro[i : i + 2]:
+            (torch.nn.functional.cross_entropy(ref(x), y) / 2).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+        if mode == "decoupled":  # w ← w − lr·λ·w before the update
+            with torch.no_grad():
+                torch._foreach_mul_(list(ref.parameters()), 1 - 0.5 * 0.05)
+        opt.step()
+    assert max_param_diff(model, ref) <= 1e-12

@@ -1,0 +1,128 @@
+"""The ``Constrain`` callback: project selected weights onto a constraint set after every
+real optimizer step (Keras's kernel constraints, for any torch optimizer).
+
+It shares :class:`~regfit.Regularization`'s selection (include/exclude rules) and its
+timing: the projection runs in an optimizer step post-hook, once per real step — not per
+micro-batch under gradient accumulation, and not at all for a step a GradScaler skips.
+A constraint has no strength and no penalty value, so it adds nothing to
+``train/penalty``; it logs ``weights/norm/<name>`` like a term.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from regfit.constraints import Constraint
+from regfit.regularization import is_logging_step
+from regfit.selection import Selector
+from regfit.term import Assignment, bucket_by_group
+
+__all__ = ["Constrain"]
+
+log = logging.getLogger(__name__)
+
+
+class Constrain(Callback):
+    """After each optimizer step, ``w ← project(w)`` for every selected parameter.
+
+    Args:
+        constraint: a :mod:`regfit.constraints` object (``MaxNorm``, ``UnitNorm``,
+            ``NonNeg``, ``MinMaxNorm`` or your own ``Constraint``).
+        include: selector rules (default: every trainable parameter), as for
+            ``Regularization``.
+        exclude: rules removing parameters, e.g. ``["bias", "last_layer"]``.
+        name: the name in logs and checkpoints (default: the constraint's short name).
+
+    Like the optimizer (and Keras), a step projects the selected weights that have a
+    gradient in it: the others did not move. The initial weights are not projected (as
+    in Keras); a weight lies in the set from its first update on. With several post-step callbacks (a
+    proximal term, another constraint) they run in the order of ``trainer.callbacks``.
+
+    Example (YAML, under ``trainer.callbacks``)::
+
+        - class_path: regfit.constrain.Constrain
+          init_args:
+            constraint: {class_path: regfit.constraints.MaxNorm, init_args: {max_value: 3.0}}
+            exclude: [bias, last_layer]
+    """
+
+    def __init__(
+        self,
+        constraint: Constraint,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(constraint, Constraint):
+            raise ValueError(
+                f"Constrain(constraint={constraint!r}): give a regfit.constraints.Constraint, "
+                "e.g. Constrain(MaxNorm(3.0)) or in YAML class_path: regfit.constraints.MaxNorm."
+            )
+        self.constraint = constraint
+        self.selector = Selector(include=include, exclude=exclude)
+        self._name = name or constraint.name
+        self.assignments: list[Assignment] = []
+        self.buckets: list = []
+        self._hooks: list[Any] = []
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    def __repr__(self) -> str:
+        return (f"Constrain({self.constraint!r}, include={list(self.selector.include)}, "
+                f"exclude={list(self.selector.exclude)}, name={self.name!r})")
+
+    # ---- resolution ---------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.assignments = [Assignment(i.name, i.param, 1.0) for i in self.selector.select(pl_module)]
+
+    def _bind(self, trainer: pl.Trainer) -> None:
+        self.buckets, orphans = bucket_by_group(self.assignments, list(trainer.optimizers))
+        if orphans:
+            log.warning("Constraint %r: %d selected parameters are in no optimizer and are left alone: %s",
+                        self.name, len(orphans), ", ".join(orphans[:5]))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._bind(trainer)
+        for opt in trainer.optimizers:
+            self._hooks.append(opt.register_step_post_hook(self._post_step))
+        log.info("Constraint %r: %s on %d tensors.", self.name, self.constraint, len(self.assignments))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resume replaces the optimizer's param-group dicts after on_fit_start.
+        live = {id(g) for opt in trainer.optimizers for g in opt.param_groups}
+        if any(id(b.group) not in live for b in self.buckets):
+            self._bind(trainer)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    # ---- the step -----------------------------------------------------------------------
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        ids = {id(g) for g in optimizer.param_groups}
+        with torch.no_grad():
+            for bucket in self.buckets:
+                if id(bucket.group) in ids:
+                    params = bucket.stepping()
+                    if params:
+                        self.constraint.project_(params)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not is_logging_step(trainer) or not self.assignments:
+            return
+        with torch.no_grad():
+            ws = [a.param for a in self.assignments]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(ws)).float())
+        pl_module.log(f"weights/norm/{self.name}", norm, on_step=True, on_epoch=False)

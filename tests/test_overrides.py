@@ -1,0 +1,113 @@
+"""Per-selector strength overrides and depth-wise λ: coefficients, training effect, YAML."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from jsonargparse import ArgumentParser
+
+from regfit import Regularization
+from regfit.constrain import Constrain
+from regfit.penalties import L2
+from regfit.scaling import DepthDecay, fan_scale
+from regfit.schedules import Cosine
+from regfit.selection import SelectionError
+from regfit.term import Override
+from tests.helpers import TinyNet, batches, fit, max_param_diff, reference_loop
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist_schedule_constraints.yaml"
+
+
+def coeffs(reg, model):
+    return {a.name: a.coeff for a in reg.term.assign(model)}
+
+
+def test_overrides_multiply_the_coefficient_of_matched_parameters():
+    reg = Regularization(L2(), exclude=["bias"], overrides=[
+        Override(include=["head.*"], strength_mult=0.1),
+        Override(include=["*.weight"], exclude=["body.0.*"], strength_mult=3.0),
+    ])
+    c = coeffs(reg, TinyNet())
+    assert c == pytest.approx({"body.0.weight": 1.0, "body.2.weight": 3.0, "body.3.weight": 3.0, "head.weight": 0.3})
+
+
+def test_overrides_from_yaml_dicts_and_bad_values():
+    reg = Regularization(L2(), overrides=[{"include": ["head.*"], "strength_mult": 0.0}])
+    assert coeffs(reg, TinyNet())["head.bias"] == 0.0
+    with pytest.raises(ValueError, match="strength_mult"):
+        Override(include=["head.*"], strength_mult=-1)
+    with pytest.raises(SelectionError, match="Did you mean 'bias'"):
+        Override(include=["biases"])
+    with pytest.raises(SelectionError, match="hed.weight|head.weight"):
+        Regularization(L2(), overrides=[Override(include=["hed.*"])]).term.assign(TinyNet())
+
+
+def test_override_equals_its_weighted_penalty_in_the_loss():
+    data = batches(12)
+    model = TinyNet(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    ref = copy.deepcopy(model)
+    fit(model, data, [Regularization(L2(), strength=0.05, overrides=[Override(include=["head.*"], strength_mult=0.1)])])
+
+    def extra(m):
+        return 0.05 * sum((0.1 if n.startswith("head.") else 1.0) * 0.5 * p.pow(2).sum() for n, p in m.named_parameters())
+
+    reference_loop(ref, torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9), data, extra_loss=extra)
+    assert max_param_diff(model, ref) <= 1e-12
+
+
+def test_depth_decay_counts_parametrized_modules_or_name_prefixes():
+    model = TinyNet()  # body.0 Linear, body.2 LayerNorm, body.3 Linear, head: 4 blocks
+    by_layer = coeffs(Regularization(L2(), scale=DepthDecay(0.5)), model)
+    assert by_layer == pytest.approx({
+        "body.0.weight": 0.125, "body.0.bias": 0.125, "body.2.weight": 0.25, "body.2.bias": 0.25,
+        "body.3.weight": 0.5, "body.3.bias": 0.5, "head.weight": 1.0, "head.bias": 1.0})
+    by_top = coeffs(Regularization(L2(), scale=DepthDecay(0.5, level=1)), model)
+    assert {n: by_top[n] for n in ("body.0.weight", "body.3.bias", "head.weight")} == {
+        "body.0.weight": 0.5, "body.3.bias": 0.5, "head.weight": 1.0}
+    # excluded parameters still count as blocks; a base rule is multiplied in
+    fan = coeffs(Regularization(L2(), scale=DepthDecay(0.5, base="fan"), exclude=["last_layer", "norm"]), model)
+    assert fan["body.3.weight"] == pytest.approx(0.5 * fan_scale("", model.body[3].weight))
+    assert "head.weight" not in fan
+
+
+def test_depth_decay_is_overridable_by_subclassing():
+    class ByStage(DepthDecay):
+        def block_of(self, name):
+            return "head" if name.startswith("head") else "body"
+
+    c = coeffs(Regularization(L2(), scale=ByStage(0.1)), TinyNet())
+    assert c["body.2.weight"] == pytest.approx(0.1) and c["head.bias"] == 1.0
+
+
+@pytest.mark.parametrize("kw, match", [({"decay": 0.0}, "decay"), ({"level": 0}, "level"), ({"base": "fans"}, "Unknown scale")])
+def test_bad_depth_decay_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        DepthDecay(**kw)
+
+
+def test_config_builds_schedule_override_depth_decay_and_constraint():
+    """The regularization section and the callbacks of configs/mnist_schedule_constraints.yaml
+    build, through jsonargparse, the objects they name."""
+    import yaml
+
+    cfg = yaml.safe_load(CONFIG.read_text())
+    parser = ArgumentParser()
+    parser.add_class_arguments(Regularization, "regularization")
+    parser.add_argument("--callbacks", type=list[Regularization | Constrain])
+    ns = parser.parse_object({"regularization": cfg["regularization"], "callbacks": cfg["trainer"]["callbacks"]})
+    built = parser.instantiate_classes(ns)
+    reg = built.regularization
+    assert isinstance(reg.term.schedule, Cosine) and isinstance(reg.term.scale, DepthDecay)
+    assert reg.term.overrides and reg.term.overrides[0].strength_mult == pytest.approx(0.1)
+    kinds = {type(cb).__name__ for cb in built.callbacks}
+    assert kinds == {"Regularization", "Constrain"}
+    # and they train together: a few steps of a small model with every piece of the config
+    model = TinyNet(optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
+    before = copy.deepcopy(model)
+    fit(model, batches(4), [reg, *built.callbacks])
+    assert max_param_diff(model, before) > 0
+    for w in (model.body[0].weight, model.body[3].weight):
+        assert (w.norm(dim=1) <= 3.0 * (1 + 1e-12)).all()
