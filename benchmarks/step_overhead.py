@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regfit.guard import apply_guarded
 from regfit.modes import Coupled, Decoupled, Mode, Proximal
 from regfit.penalties import L1, L2, LHalf, Penalty
 from regfit.selection import Selector
@@ -86,6 +87,7 @@ class Variant:
     penalty: Penalty | None = None
     mode: Mode | None = None
     naive: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
+    guard: str = "raise"  # Regularization's default on_nonfinite
 
 
 def sgd(**kw):
@@ -109,6 +111,7 @@ def variants(fused_ok: bool) -> list[Variant]:
         Variant("sgd", sgd()),
         Variant("sgd_weight_decay", sgd(weight_decay=LAM)),
         Variant("regfit_coupled_l2", sgd(), L2(), Coupled()),
+        Variant("regfit_coupled_l2_guard_off", sgd(), L2(), Coupled(), guard="off"),
         Variant("naive_l2_in_loss", sgd(), naive=naive_l2),
         Variant("regfit_proximal_l1", sgd(), L1(), Proximal()),
         Variant("regfit_coupled_lhalf", sgd(), LHalf(), Coupled()),
@@ -128,6 +131,8 @@ def variants(fused_ok: bool) -> list[Variant]:
 CHECKS = [
     ("regfit_coupled_l2", "sgd", "<=", 1.02, None),
     ("regfit_coupled_l2", "sgd_weight_decay", "<=", 1.00, None),
+    ("regfit_coupled_l2_guard_off", "sgd", "<=", 1.02, None),
+    ("regfit_coupled_l2", "regfit_coupled_l2_guard_off", None, None, None),
     ("naive_l2_in_loss", "regfit_coupled_l2", ">=", 1.08, {"mlp"}),
     ("regfit_proximal_l1", "sgd", "<=", 1.05, None),
     ("regfit_coupled_lhalf", "sgd", "<=", 1.05, None),
@@ -155,7 +160,7 @@ def make_step(variant: Variant, proto: nn.Module, x, y) -> Callable[[], None]:
 
     def apply(now: str) -> None:
         if phase == now:  # what Regularization._run does in each hook
-            term.apply({id(g) for g in opt.param_groups})
+            apply_guarded(term, {id(g) for g in opt.param_groups}, variant.guard)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -265,9 +270,10 @@ def bench_memory(args, device) -> None:
             extra = peak_extra_bytes(lambda: term.apply(), device)
             ratio = extra / largest
             rows.append([model_name, f"{mode.name} {penalty.name}", f"{extra / 2**20:.2f}", f"{largest / 2**20:.2f}",
-                         f"{ratio:.2f}", check(ratio, "<=", 1.0), host_syncs(term.apply, device)])
+                         f"{ratio:.2f}", check(ratio, "<=", 1.0), host_syncs(term.apply, device),
+                         host_syncs(lambda: apply_guarded(term, None, "raise"), device)])
     print(f"\n### memory: peak temporaries of one term.apply ({'CUDA allocator' if device.type == 'cuda' else 'CPU profiler'})\n")
-    print(table(["model", "mode penalty", "peak extra MiB", "largest tensor MiB", "ratio", "target", "host sync"], rows))
+    print(table(["model", "mode penalty", "peak extra MiB", "largest tensor MiB", "ratio", "target", "host sync: term.apply", "guarded (default)"], rows))
 
 
 # ---- the callback inside Lightning ----------------------------------------------------------
