@@ -5,12 +5,17 @@ With the built-in penalties a non-finite result can only come from non-finite we
 (the data step diverged) or from an overflow; with a user :class:`~regfit.penalties.Penalty`
 it can also come from its ``value``/``grad``/``prox`` (e.g. ``log(w)`` at ``w ≤ 0``).
 
-After the term is applied, the tensors it wrote are checked with one fused reduction
-(a sum per tensor, then one host sync). The built-in penalties are finite for finite
-input, so for them a non-finite result means non-finite input, and nothing needs undoing.
-For any other penalty the guard first keeps a copy of the tensors the term writes; if the
-*term* made a finite tensor non-finite, the tensor is restored from the copy, so the
-weights and gradients are exactly what they were before the term ran, and then:
+Built-in penalties are finite for finite input (the penalty test harness checks this at
+0, ±1e-30 and ±1e6 in three dtypes), so they cannot *cause* NaN/inf, and checking them
+every step would cost a host sync per step for nothing. For them a non-finite value can
+only mean the weights already diverged; that is caught on logging steps, where the
+weight norm is computed (and synchronized) anyway: :func:`check_weights`.
+
+Any other penalty (a user's ``value``/``grad``/``prox``, the matrix penalties) is
+guarded every step: the guard keeps a copy of the tensors the term writes, applies the
+term, checks with one fused reduction and one host sync, and if the *term* made a finite
+tensor non-finite restores it from the copy, so weights and gradients are exactly what
+they were before the term ran; then:
 
 * ``raise`` — :class:`NonFinitePenaltyError` names the term and the parameters; training
   stops cleanly (Lightning runs its exception teardown, loggers are finalized, the last
@@ -19,10 +24,9 @@ weights and gradients are exactly what they were before the term ran, and then:
 
 A gradient that was already non-finite before the term (the data gradient of a step that
 a ``16-mixed`` GradScaler is about to skip) is not the term's doing and is left alone.
-Weights that were already non-finite mean the data step diverged: ``raise`` says so.
 
-Cost per step and term: one read of the written tensors and one host sync; a user
-penalty adds one copy of them. ``off`` removes both.
+Cost per step and guarded term: one copy and one read of the written tensors and one host
+sync. ``off`` removes them.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from torch import Tensor
 from regfit.penalties import L1, L2, ElasticNet, GroupLasso, LHalf, Lp
 from regfit.term import Term
 
-__all__ = ["NonFinitePenaltyError", "OnNonFinite", "apply_guarded", "all_finite"]
+__all__ = ["NonFinitePenaltyError", "OnNonFinite", "apply_guarded", "all_finite", "check_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -79,22 +83,18 @@ def _targets(term: Term, group_ids: set[int] | None) -> tuple[list[str], list[Te
 
 def apply_guarded(term: Term, group_ids: set[int] | None, on_nonfinite: OnNonFinite) -> None:
     """``term.apply(group_ids)``, rolled back and reported if it writes NaN/inf."""
-    if on_nonfinite == "off":
-        term.apply(group_ids)
+    if on_nonfinite == "off" or type(term.penalty) in _FINITE_FOR_FINITE_INPUT:
+        term.apply(group_ids)  # no per-step sync: see the module docstring and check_weights
         return
     names, tensors = _targets(term, group_ids)
-    trusted = type(term.penalty) in _FINITE_FOR_FINITE_INPUT
     with torch.no_grad():
-        backup = None if trusted else [t.clone() for t in tensors]
+        backup = [t.clone() for t in tensors]
         term.apply(group_ids)
         if all_finite(tensors):
             return
-        if backup is None:  # non-finite output of a built-in kernel ⇒ non-finite input
-            caused, before = [], [n for n, t in zip(names, tensors) if not t.isfinite().all()]
-        else:
-            caused = [n for n, t, b in zip(names, tensors, backup) if not t.isfinite().all() and b.isfinite().all()]
-            before = [n for n, b in zip(names, backup) if not b.isfinite().all()]
-            torch._foreach_copy_(tensors, backup)
+        caused = [n for n, t, b in zip(names, tensors, backup) if not t.isfinite().all() and b.isfinite().all()]
+        before = [n for n, b in zip(names, backup) if not b.isfinite().all()]
+        torch._foreach_copy_(tensors, backup)
     what = "gradient" if term.mode.phase == "gradient" else "weights"
     if caused:
         msg = (f"Term {term.name!r} ({term.penalty!r}, {term.mode.name}, λ={term.strength_now():g}) made the {what} "
@@ -104,11 +104,24 @@ def apply_guarded(term: Term, group_ids: set[int] | None, on_nonfinite: OnNonFin
             raise NonFinitePenaltyError(msg + " Pass on_nonfinite='skip' to drop the term's update on such steps instead.")
         log.warning("%s Skipped this step's update of the term (on_nonfinite='skip').", msg)
     elif before and what == "weights":
-        msg = (f"Term {term.name!r}: the weights of {_names(before)} were already non-finite before the term was "
-               "applied: the data step diverged (lower the learning rate, clip gradients, or check the loss).")
-        if on_nonfinite == "raise":
-            raise NonFinitePenaltyError(msg)
-        log.warning(msg)
+        _diverged(term, before, on_nonfinite)
+
+
+def check_weights(term: Term, norm: Tensor, on_nonfinite: OnNonFinite) -> None:
+    """On a logging step: report weights that are already non-finite (the data step
+    diverged). ``norm`` is the term's weight norm, computed for logging anyway."""
+    if on_nonfinite == "off" or bool(torch.isfinite(norm)):
+        return
+    bad = [a.name for a in term.assignments if not torch.isfinite(a.param).all()]
+    _diverged(term, bad, on_nonfinite)
+
+
+def _diverged(term: Term, names: list[str], on_nonfinite: OnNonFinite) -> None:
+    msg = (f"Term {term.name!r}: the weights of {_names(names)} were already non-finite before the term was "
+           "applied: the data step diverged (lower the learning rate, clip gradients, or check the loss).")
+    if on_nonfinite == "raise":
+        raise NonFinitePenaltyError(msg)
+    log.warning(msg)
 
 
 def _names(names: list[str]) -> str:

@@ -39,7 +39,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from regfit.guard import OnNonFinite, apply_guarded
+from regfit.guard import OnNonFinite, apply_guarded, check_weights
 from regfit.modes import ModeSpec, resolve_mode
 from regfit.penalties import Penalty, resolve_penalty
 from regfit.scaling import ScaleRule
@@ -215,6 +215,7 @@ class Regularization(Callback):
         if not is_logging_step(trainer):
             return
         norm, sparsity = self.term.weight_stats()
+        check_weights(self.term, norm, self.on_nonfinite)
         pl_module.log(f"weights/norm/{self.name}", norm, on_step=True, on_epoch=False)
         pl_module.log(f"weights/sparsity/{self.name}", sparsity, on_step=True, on_epoch=False)
         pl_module.log(f"train/strength/{self.name}", float(self.term.strength_now()), on_step=True, on_epoch=False)

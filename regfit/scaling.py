@@ -25,14 +25,30 @@ ScaleRule = Union[Literal["none", "numel", "fan"], ScaleFn]
 
 
 def no_scale(name: str, param: Tensor) -> float:
+    """:math:`c(w) = 1`: the term is :math:`λ \\sum_i R(w_i)`, torch's ``weight_decay`` convention."""
     return 1.0
 
 
 def numel_scale(name: str, param: Tensor) -> float:
+    """:math:`c(w) = 1/n`, n = ``param.numel()``: for ``L2`` the term becomes
+    :math:`λ \\cdot \\tfrac{1}{2n}\\lVert w \\rVert^2`, a mean over the tensor instead of a sum.
+
+    >>> import torch
+    >>> numel_scale("w", torch.zeros(10, 20))
+    0.005
+    """
     return 1.0 / param.numel()
 
 
 def fan_scale(name: str, param: Tensor) -> float:
+    """:math:`c(w) = \\frac{n_{in} + n_{out}}{n_{in} \\, n_{out}} = \\frac{1}{n_{out}} + \\frac{1}{n_{in}}`,
+    fans as ``torch.nn.init`` computes them (a Conv kernel's receptive field counted in);
+    a 1-d tensor has :math:`n_{in} = n_{out} = n`.
+
+    >>> import torch
+    >>> fan_scale("w", torch.zeros(10, 40))  # (40 + 10) / (40 · 10)
+    0.125
+    """
     if param.ndim < 2:
         fan_in = fan_out = param.numel()
     else:
