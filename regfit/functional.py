@@ -20,9 +20,11 @@ __all__ = [
     "soft_threshold",
     "soft_threshold_",
     "half_threshold",
+    "half_threshold_factor",
     "lp_prox",
     "lp_value",
     "lp_grad",
+    "lp_grads",
     "row_norms",
     "group_lasso_value",
     "group_lasso_grad",
@@ -65,15 +67,28 @@ def half_threshold(w: Tensor, t: float | Tensor) -> Tensor:
     """
     if not isinstance(t, Tensor) and t == 0:
         return w.clone()  # the trigonometric form is exact only up to rounding at t = 0
-    t = torch.as_tensor(t, dtype=w.dtype, device=w.device)
-    a = w.abs()
-    threshold = 1.5 * t.pow(2.0 / 3.0)
-    # Clamp keeps arccos's argument in [-1, 1] and avoids 0^(-3/2) for entries that the
-    # threshold zeroes anyway; the `where` below discards those lanes.
-    safe = torch.clamp(a, min=torch.finfo(w.dtype).tiny).clamp(min=threshold)
-    phi = torch.arccos(torch.clamp((t / 4.0) * (safe / 3.0).pow(-1.5), -1.0, 1.0))
-    x = (2.0 / 3.0) * safe * (1.0 + torch.cos(2.0 * math.pi / 3.0 - (2.0 / 3.0) * phi))
-    return torch.where(a > threshold, torch.copysign(x, w), torch.zeros_like(w))
+    return half_threshold_factor(w, t).mul_(w)
+
+
+def half_threshold_factor(w: Tensor, t: float | Tensor) -> Tensor:
+    """The factor ``f`` with ``half_threshold(w, t) = f·w``: 0 where ``|w|`` is at most the
+    threshold, else ``⅔(1 + cos(2π/3 − ⅔φ))``.
+
+    Computed in place on one temporary (plus a boolean mask), so the in-place prox
+    ``w.mul_(f)`` holds little more than one copy of ``w``; ``(|w|/3)^{−3/2}`` is taken as
+    ``rsqrt(|w|/3)³``, far faster on CPU than the generic ``pow``.
+    """
+    # A float t stays a Python number: a device tensor made from it would be a host-to-GPU
+    # copy, i.e. a synchronization, at every proximal step.
+    threshold = 1.5 * (t.pow(2.0 / 3.0) if isinstance(t, Tensor) else t ** (2.0 / 3.0))
+    f = w.abs()
+    keep = f > threshold
+    # The clamps keep arccos's argument in [-1, 1] and avoid 0^(-3/2) for entries that the
+    # threshold zeroes anyway; `keep` discards those lanes.
+    f.clamp_(min=torch.finfo(w.dtype).tiny).clamp_(min=threshold)
+    f.div_(3.0).rsqrt_().pow_(3).mul_(t / 4.0).clamp_(-1.0, 1.0).arccos_()  # φ
+    f.mul_(-2.0 / 3.0).add_(2.0 * math.pi / 3.0).cos_().add_(1.0).mul_(2.0 / 3.0)
+    return f.mul_(keep)
 
 
 def lp_prox(w: Tensor, t: float, p: float, iters: int = 30) -> Tensor:
@@ -128,12 +143,33 @@ def lp_grad(w: Tensor, p: float, eps: float) -> Tensor:
     Outside the band it is the exact ``p·sign(w)·|w|^{p−1}``. Inside, ``|w|^p`` is
     replaced by the quadratic ``(p/2)·eps^{p−2}·w² + (1 − p/2)·eps^p`` that matches value
     and slope at ``±eps``, whose gradient ``p·eps^{p−2}·w`` is linear, 0 at 0 and bounded
-    by ``p·eps^{p−1}``.
+    by ``p·eps^{p−1}``. Both pieces are one formula,
+
+    .. math:: \\nabla R(w) = p\\, w \\max(|w|, \\varepsilon)^{p-2},
+
+    which is how it is computed (see :func:`lp_grads`).
     """
-    a = w.abs()
-    outside = p * torch.copysign(torch.clamp(a, min=eps).pow(p - 1.0), w)
-    inside = (p * eps ** (p - 2.0)) * w
-    return torch.where(a < eps, inside, outside)
+    (g,) = lp_grads([w], p, eps)
+    return g.mul_(p)
+
+
+def lp_grads(ws: list[Tensor], p: float, eps: float) -> list[Tensor]:
+    """``w·max(|w|, eps)^{p−2}`` for each tensor: :func:`lp_grad` divided by ``p``.
+
+    The batched form behind the in-place penalty kernels: four in-place passes over one
+    temporary per tensor (the ``torch.where`` form needs five temporaries). For p = ½ the
+    power ``x^{−3/2}`` is taken as ``rsqrt(x)³``, about 50× faster on CPU than the generic
+    ``pow``, which goes through ``exp``/``log``.
+    """
+    a = torch._foreach_abs(ws)
+    torch._foreach_clamp_min_(a, eps)
+    if p == 0.5:
+        torch._foreach_rsqrt_(a)
+        torch._foreach_pow_(a, 3)
+    else:
+        torch._foreach_pow_(a, p - 2.0)
+    torch._foreach_mul_(a, ws)
+    return a
 
 
 def row_norms(w: Tensor) -> Tensor:

@@ -111,6 +111,32 @@ def _upcast(w: Tensor) -> Tensor:
     return w.float() if w.dtype in (torch.float16, torch.bfloat16) else w
 
 
+# Temporaries of the batched kernels are bounded by one copy of the largest tensor: the
+# tensors are cut into runs whose total size is at most that, one ``_foreach`` call per run
+# (a single ``_foreach_sign`` over all parameters would hold a full copy of the model). On
+# CPU a ``_foreach`` op is a loop over its tensors anyway, so the runs cost nothing; on an
+# accelerator every run is a kernel launch, so runs there may reach 4 Mi elements (16 MiB in
+# float32) even when every tensor is smaller.
+_MIN_RUN = {"cpu": 0}
+_DEFAULT_MIN_RUN = 1 << 22
+
+
+def _runs(ws: Sequence[Tensor]) -> list[slice]:
+    """Consecutive index ranges of ``ws`` holding at most max(largest numel, device floor)."""
+    sizes = [w.numel() for w in ws]
+    if not sizes:
+        return []
+    budget = max(max(sizes), _MIN_RUN.get(ws[0].device.type, _DEFAULT_MIN_RUN))
+    runs, start, filled = [], 0, 0
+    for i, n in enumerate(sizes):
+        if filled + n > budget:
+            runs.append(slice(start, i))
+            start, filled = i, 0
+        filled += n
+    runs.append(slice(start, len(sizes)))
+    return runs
+
+
 class L2(Penalty):
     """Squared Euclidean norm, halved: :math:`R(w) = \\tfrac12 \\lVert w \\rVert_2^2`.
 
@@ -175,14 +201,24 @@ class L1(Penalty):
         return (norms * _as_tensor(coeffs, norms)).sum()
 
     def add_grad_(self, gs, ws, alpha):
-        torch._foreach_add_(gs, torch._foreach_sign(ws), alpha=alpha)
+        for r in _runs(ws):
+            torch._foreach_add_(gs[r], torch._foreach_sign(ws[r]), alpha=alpha)
 
     def decay_(self, ws, alpha):
-        torch._foreach_add_(ws, torch._foreach_sign(ws), alpha=-alpha)
+        for r in _runs(ws):
+            torch._foreach_add_(ws[r], torch._foreach_sign(ws[r]), alpha=-alpha)
 
     def prox_(self, ws, t):
-        for w in ws:
-            F.soft_threshold_(w, t)
+        for r in _runs(ws):
+            run = ws[r]
+            if len(run) == 1:
+                F.soft_threshold_(run[0], t)  # two passes instead of three
+            else:
+                # w − clamp(w, −t, t), with the clamp split in two for _foreach
+                clipped = torch._foreach_clamp_min(run, -t)
+                torch._foreach_clamp_max_(clipped, t)
+                torch._foreach_sub_(run, clipped)
+                del clipped  # before the next run allocates its own
 
 
 class ElasticNet(Penalty):
@@ -250,6 +286,21 @@ class Lp(Penalty):
         if self.p == 0.5:
             return F.half_threshold(w, t)
         return F.lp_prox(w, t, self.p)
+
+    def prox_(self, ws, t):
+        if self.p != 0.5:
+            return super().prox_(ws, t)
+        if t:
+            for w in ws:
+                w.mul_(F.half_threshold_factor(w, t))
+
+    def add_grad_(self, gs, ws, alpha):
+        for r in _runs(ws):
+            torch._foreach_add_(gs[r], F.lp_grads(ws[r], self.p, self.eps), alpha=alpha * self.p)
+
+    def decay_(self, ws, alpha):
+        for r in _runs(ws):
+            torch._foreach_add_(ws[r], F.lp_grads(ws[r], self.p, self.eps), alpha=-alpha * self.p)
 
 
 class LHalf(Lp):

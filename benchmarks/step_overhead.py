@@ -1,0 +1,406 @@
+"""What regularization costs per training step, against what users write by hand.
+
+Three parts, each printed as a table:
+
+1. **step** — a full training step (forward, backward, regularization, optimizer step) in
+   a tight torch loop, for an MLP 784-1024-1024-10, a small CNN and a model with ~200 small
+   parameter tensors. regfit variants run regfit's own code: a :class:`~regfit.term.Term`
+   bound to the optimizer, ``term.apply(...)`` in its mode's phase, exactly what the
+   ``Regularization`` callback calls. Variants are interleaved in a new random order every
+   round; the table gives the median time per step and the median of the per-round ratios
+   (with quartiles).
+2. **memory** — the peak of the temporaries one ``term.apply`` allocates, against the size
+   of the largest parameter tensor (CUDA: the allocator's peak; CPU: the profiler's
+   allocation events).
+3. **lightning** — the callback inside a real ``Trainer``: regfit's logging and weight
+   statistics (every 50 steps, Lightning's default) against the same run with them
+   switched off, and against plain Lightning with ``SGD(weight_decay)``.
+
+Usage::
+
+    python benchmarks/step_overhead.py                 # CPU, 2 threads
+    python benchmarks/step_overhead.py --device cuda
+    python benchmarks/step_overhead.py --quick         # a smoke run, numbers meaningless
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from _common import check, interleaved, machine, ratio_stats, synchronizer, table, time_per_call
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from regfit.guard import apply_guarded
+from regfit.modes import Coupled, Decoupled, Mode, Proximal
+from regfit.penalties import L1, L2, LHalf, Penalty
+from regfit.selection import Selector
+from regfit.term import Term
+
+LAM = 1e-4
+
+
+# ---- models ---------------------------------------------------------------------------------
+class Block(nn.Module):
+    """Pre-norm residual MLP block: 8 small tensors (two LayerNorms, two Linear 128↔512)."""
+
+    def __init__(self, d: int = 128, hidden: int = 512) -> None:
+        super().__init__()
+        self.norm1, self.up, self.down, self.norm2 = nn.LayerNorm(d), nn.Linear(d, hidden), nn.Linear(hidden, d), nn.LayerNorm(d)
+
+    def forward(self, x):
+        return self.norm2(x + self.down(F.gelu(self.up(self.norm1(x)))))
+
+
+def mlp() -> tuple[nn.Module, tuple[int, ...]]:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)), (1, 28, 28)
+
+
+def cnn() -> tuple[nn.Module, tuple[int, ...]]:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10),
+    ), (1, 28, 28)
+
+
+def many_small() -> tuple[nn.Module, tuple[int, ...]]:
+    return nn.Sequential(*[Block() for _ in range(24)], nn.Linear(128, 10)), (128,)
+
+
+MODELS: dict[str, Callable[[], tuple[nn.Module, tuple[int, ...]]]] = {"mlp": mlp, "cnn": cnn, "many_small": many_small}
+
+
+# ---- variants -------------------------------------------------------------------------------
+@dataclass
+class Variant:
+    name: str
+    optimizer: Callable[..., torch.optim.Optimizer]
+    penalty: Penalty | None = None
+    mode: Mode | None = None
+    naive: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
+    guard: str = "raise"  # Regularization's default on_nonfinite
+
+
+def sgd(**kw):
+    return lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9, **kw)
+
+
+def adam(cls, **kw):
+    return lambda params: cls(params, lr=1e-3, **kw)
+
+
+def naive_l2(params):  # what users write by hand
+    return LAM * sum(p.pow(2).sum() for p in params)
+
+
+def naive_lhalf(params):
+    return LAM * sum(torch.sqrt(p.abs()).sum() for p in params)
+
+
+def variants(fused_ok: bool) -> list[Variant]:
+    out = [
+        Variant("sgd", sgd()),
+        Variant("sgd_weight_decay", sgd(weight_decay=LAM)),
+        Variant("regfit_coupled_l2", sgd(), L2(), Coupled()),
+        Variant("regfit_coupled_l2_guard_off", sgd(), L2(), Coupled(), guard="off"),
+        Variant("naive_l2_in_loss", sgd(), naive=naive_l2),
+        Variant("regfit_proximal_l1", sgd(), L1(), Proximal()),
+        Variant("regfit_coupled_lhalf", sgd(), LHalf(), Coupled()),
+        Variant("naive_lhalf_in_loss", sgd(), naive=naive_lhalf),
+    ]
+    for impl in ("foreach", "fused") if fused_ok else ("foreach",):
+        kw = {impl: True}
+        out += [
+            Variant(f"adam_{impl}", adam(torch.optim.Adam, **kw)),
+            Variant(f"adamw_{impl}", adam(torch.optim.AdamW, weight_decay=LAM, **kw)),
+            Variant(f"regfit_decoupled_l2_adam_{impl}", adam(torch.optim.Adam, **kw), L2(), Decoupled()),
+        ]
+    return out
+
+
+# (numerator, denominator, op, target, which models the target names; None = all)
+CHECKS = [
+    ("regfit_coupled_l2", "sgd", "<=", 1.02, None),
+    ("regfit_coupled_l2", "sgd_weight_decay", "<=", 1.00, None),
+    ("regfit_coupled_l2_guard_off", "sgd", "<=", 1.02, None),
+    ("regfit_coupled_l2", "regfit_coupled_l2_guard_off", None, None, None),
+    ("naive_l2_in_loss", "regfit_coupled_l2", ">=", 1.08, {"mlp"}),
+    ("regfit_proximal_l1", "sgd", "<=", 1.05, None),
+    ("regfit_coupled_lhalf", "sgd", "<=", 1.05, None),
+    ("naive_lhalf_in_loss", "regfit_coupled_lhalf", ">=", 1.0, None),
+    ("regfit_decoupled_l2_adam_foreach", "adamw_foreach", "<=", 1.00, None),
+    ("regfit_decoupled_l2_adam_fused", "adamw_fused", "<=", 1.00, None),
+    ("sgd_weight_decay", "sgd", None, None, None),
+    ("adamw_foreach", "adam_foreach", None, None, None),
+]
+
+
+def bind_term(variant: Variant, model: nn.Module, opt: torch.optim.Optimizer) -> Term:
+    term = Term(variant.penalty, LAM, Selector(), "none", variant.mode, variant.penalty.name)
+    term.bind(model, [opt])
+    return term
+
+
+def make_step(variant: Variant, proto: nn.Module, x, y) -> Callable[[], None]:
+    """One training step of this variant on its own copy of the model."""
+    model = copy.deepcopy(proto)
+    params = list(model.parameters())
+    opt = variant.optimizer(params)
+    term = bind_term(variant, model, opt) if variant.penalty is not None else None
+    phase = term.mode.phase if term is not None else None
+
+    def apply(now: str) -> None:
+        if phase == now:  # what Regularization._run does in each hook
+            apply_guarded(term, {id(g) for g in opt.param_groups}, variant.guard)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        if variant.naive is not None:
+            loss = loss + variant.naive(params)
+        loss.backward()
+        apply("gradient")
+        apply("pre_update")
+        opt.step()
+        apply("post_update")
+
+    return step
+
+
+def fused_supported(device: torch.device) -> bool:
+    try:
+        p = nn.Parameter(torch.zeros(2, device=device))
+        p.grad = torch.zeros_like(p)
+        torch.optim.AdamW([p], fused=True).step()
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+def bench_steps(args, device, sync) -> None:
+    vs = variants(fused_supported(device))
+    for model_name in args.models:
+        torch.manual_seed(0)
+        proto, shape = MODELS[model_name]()
+        proto.to(device)
+        x = torch.randn(args.batch, *shape, device=device)
+        y = torch.randint(0, 10, (args.batch,), device=device)
+        n_params = sum(p.numel() for p in proto.parameters())
+        steps = {v.name: make_step(v, proto, x, y) for v in vs}
+        for fn in steps.values():  # warm up: allocator, optimizer state, lazy inits
+            time_per_call(fn, args.warmup, sync)
+        times = interleaved({n: (lambda fn=fn: time_per_call(fn, args.steps, sync)) for n, fn in steps.items()}, args.rounds)
+        rows = []
+        for num, den, op, target, only in CHECKS:
+            if num not in times or den not in times:
+                continue
+            med, q1, q3 = ratio_stats(times[num], times[den])
+            verdict = check(med, op, target) if op and (only is None or model_name in only) else "info"
+            rows.append([num, f"{statistics.median(times[num]) * 1e3:.2f}", den, f"{statistics.median(times[den]) * 1e3:.2f}",
+                         f"{med:.3f} [{q1:.3f}–{q3:.3f}]", verdict])
+        print(f"\n### step: {model_name} ({len(list(proto.parameters()))} tensors, {n_params / 1e6:.2f}M parameters, "
+              f"batch {args.batch}; {args.rounds} rounds × {args.steps} steps)\n")
+        print(table(["variant", "ms/step", "vs", "ms/step", "ratio median [q1–q3]", "target"], rows))
+
+
+# ---- memory ---------------------------------------------------------------------------------
+def peak_extra_bytes(fn: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes allocated by ``fn`` beyond what was live before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    # Allocation events in time order; an op's own net allocation counts at its start, so
+    # a temporary allocated and freed inside one op is not seen (none of the kernels'
+    # temporaries are: they are returned by one _foreach op and freed after the next).
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def host_syncs(fn: Callable[[], None], device: torch.device) -> str:
+    """Whether ``fn`` waits for the GPU (CUDA's sync debug mode turns a sync into an error)."""
+    if device.type != "cuda":
+        return "n/a (CPU)"
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return "none"
+    except RuntimeError as err:
+        return f"SYNC: {str(err)[:40]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+MEMORY_CASES = [(L2(), Coupled()), (L1(), Coupled()), (LHalf(), Coupled()), (L2(), Decoupled()), (L1(), Decoupled()),
+                (LHalf(), Decoupled()), (L2(), Proximal()), (L1(), Proximal()), (LHalf(), Proximal())]
+
+
+def bench_memory(args, device) -> None:
+    rows = []
+    for model_name in args.models:
+        torch.manual_seed(0)
+        proto, shape = MODELS[model_name]()
+        proto.to(device)
+        largest = max(p.numel() * p.element_size() for p in proto.parameters())
+        for penalty, mode in MEMORY_CASES:
+            model = copy.deepcopy(proto)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            term = bind_term(Variant("", None, penalty, mode), model, opt)
+            extra = peak_extra_bytes(lambda: term.apply(), device)
+            ratio = extra / largest
+            rows.append([model_name, f"{mode.name} {penalty.name}", f"{extra / 2**20:.2f}", f"{largest / 2**20:.2f}",
+                         f"{ratio:.2f}", check(ratio, "<=", 1.0), host_syncs(term.apply, device),
+                         host_syncs(lambda: apply_guarded(term, None, "raise"), device)])
+    print(f"\n### memory: peak temporaries of one term.apply ({'CUDA allocator' if device.type == 'cuda' else 'CPU profiler'})\n")
+    print(table(["model", "mode penalty", "peak extra MiB", "largest tensor MiB", "ratio", "target", "host sync: term.apply", "guarded (default)"], rows))
+
+
+# ---- the callback inside Lightning ----------------------------------------------------------
+def bench_lightning(args, device, sync) -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import CSVLogger
+
+    from regfit import RegModule, Regularization
+
+    class Net(RegModule):
+        def __init__(self, weight_decay: float = 0.0) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = mlp()[0]
+            self.weight_decay = weight_decay
+
+        def forward(self, x):
+            return self.net(x)
+
+        def data_loss(self, batch):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9, weight_decay=self.weight_decay)
+
+    class SilentNet(Net):
+        def log_penalty(self, data_loss):  # no train/penalty, train/loss, train/penalty/<term>
+            pass
+
+    class SilentRegularization(Regularization):
+        def on_train_batch_end(self, *args):  # no weight statistics
+            pass
+
+    class StepClock(Callback):
+        def __init__(self):
+            self.stamps = []
+
+        def on_train_batch_start(self, *args):
+            sync()
+            self.stamps.append(time.perf_counter())
+
+    class Repeat:
+        """The same batch ``n`` times, as a loader."""
+
+        def __init__(self, batch, n):
+            self.batch, self.n = batch, n
+
+        def __iter__(self):
+            return iter([self.batch] * self.n)
+
+        def __len__(self):
+            return self.n
+
+    x = torch.randn(args.batch, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    skip = 2
+    n = args.lightning_steps + skip + 1
+    tmp = tempfile.mkdtemp(prefix="regfit-bench-")
+    setups = {
+        "lightning_sgd_weight_decay": (lambda: Net(weight_decay=LAM), lambda: [], 50),
+        "regfit_l2_no_logging": (SilentNet, lambda: [SilentRegularization(L2(), strength=LAM)], 50),
+        "regfit_l2_logging_every_50": (Net, lambda: [Regularization(L2(), strength=LAM)], 50),
+        "regfit_l2_logging_every_step": (Net, lambda: [Regularization(L2(), strength=LAM)], 1),
+    }
+
+    def run(name):
+        make_model, make_callbacks, every = setups[name]
+        clock = StepClock()
+        trainer = L.Trainer(
+            max_steps=n, logger=CSVLogger(tmp, name=name), log_every_n_steps=every, callbacks=[*make_callbacks(), clock],
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+            limit_val_batches=0, accelerator=device.type, devices=1,
+        )
+        trainer.fit(make_model(), Repeat((x, y), n))
+        stamps = clock.stamps[skip:]
+        return (stamps[-1] - stamps[0]) / (len(stamps) - 1)  # mean: logging steps included
+
+    import logging
+
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    times = interleaved({name: (lambda name=name: run(name)) for name in setups}, 1 if args.quick else max(3, args.rounds // 2))
+    rows = []
+    for num, den, op, target in [
+        ("regfit_l2_logging_every_50", "regfit_l2_no_logging", "<=", 1.02),
+        ("regfit_l2_no_logging", "lightning_sgd_weight_decay", None, None),
+        ("regfit_l2_logging_every_50", "lightning_sgd_weight_decay", None, None),
+        ("regfit_l2_logging_every_step", "regfit_l2_no_logging", None, None),
+    ]:
+        med, q1, q3 = ratio_stats(times[num], times[den])
+        rows.append([num, f"{statistics.median(times[num]) * 1e3:.2f}", den, f"{statistics.median(times[den]) * 1e3:.2f}",
+                     f"{med:.3f} [{q1:.3f}–{q3:.3f}]", check(med, op, target) if op else "info"])
+    print(f"\n### lightning: MLP in a Trainer, mean ms/step over {args.lightning_steps} steps (CSVLogger), "
+          f"{len(times[num])} rounds\n")
+    print(table(["variant", "ms/step", "vs", "ms/step", "ratio median [q1–q3]", "target"], rows))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=8, help="steps per variant per round")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--lightning-steps", type=int, default=200, help="steps per Trainer run (logging every 50)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--parts", nargs="+", default=["step", "memory", "lightning"], choices=["step", "memory", "lightning"])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 1 step, small batch")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.steps, args.warmup, args.batch, args.lightning_steps = 2, 1, 1, 16, 4
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    torch.set_num_threads(args.threads)
+    sync = synchronizer(device)
+    print(f"machine: {machine(device)}")
+    if "step" in args.parts:
+        bench_steps(args, device, sync)
+    if "memory" in args.parts:
+        bench_memory(args, device)
+    if "lightning" in args.parts:
+        bench_lightning(args, device, sync)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The batched in-place kernels the modes call equal the per-tensor definitions, and their
+temporaries stay within one copy of the largest tensor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from regfit import functional as F
+from regfit.penalties import L1, L2, LHalf, Lp, _runs
+
+
+def tensors(seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(40, 30), (30,), (7,), (50, 40), (5, 3, 3), (40,), (2, 2)]
+    ws = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    ws[1][:5] = 0.0  # exact zeros: the subgradient / smoothing band
+    ws[3][0, :4] = torch.tensor([1e-4, -1e-4, 1e-3, -2e-3], dtype=torch.float64)
+    return ws
+
+
+PENALTIES = [L2(), L1(), LHalf(), Lp(p=0.3, eps=1e-2)]
+
+
+@pytest.mark.parametrize("penalty", PENALTIES, ids=lambda p: type(p).__name__)
+def test_add_grad_and_decay_equal_per_tensor_grad(penalty):
+    ws = tensors()
+    gs = [torch.randn_like(w) for w in ws]
+    expected_g = [g + 0.3 * penalty.grad(w) for g, w in zip(gs, ws)]
+    expected_w = [w - 0.3 * penalty.grad(w) for w in ws]
+    penalty.add_grad_(gs, ws, 0.3)
+    penalty.decay_(ws, 0.3)
+    for got, exp in zip(gs + ws, expected_g + expected_w):
+        torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("penalty", [L2(), L1(), LHalf()], ids=lambda p: type(p).__name__)
+def test_prox_equals_per_tensor_prox(penalty):
+    ws = tensors()
+    expected = [penalty.prox(w, 0.4) for w in ws]
+    penalty.prox_(ws, 0.4)
+    for got, exp in zip(ws, expected):
+        assert torch.equal(got, exp)  # same bits (L1: the clamp split in two is the same clamp)
+
+
+def test_lp_grad_matches_the_two_piece_definition():
+    w = torch.linspace(-0.01, 0.01, 2001, dtype=torch.float64)
+    for p, eps in ((0.5, 1e-3), (0.3, 1e-2)):
+        a = w.abs()
+        two_piece = torch.where(a < eps, p * eps ** (p - 2) * w, p * torch.sign(w) * a.clamp(min=eps) ** (p - 1))
+        torch.testing.assert_close(F.lp_grad(w, p, eps), two_piece, rtol=1e-12, atol=0)
+
+
+def test_runs_hold_at_most_the_largest_tensor_on_cpu():
+    ws = tensors()
+    runs = _runs(ws)
+    largest = max(w.numel() for w in ws)
+    assert [i for r in runs for i in range(len(ws))[r]] == list(range(len(ws)))  # a partition, in order
+    assert all(sum(w.numel() for w in ws[r]) <= largest for r in runs)
+    assert len(runs) < len(ws)  # small tensors share a run
+    assert _runs([]) == []
+
+
+def test_l1_kernel_temporaries_stay_within_the_largest_tensor():
+    """CPU profiler: the peak of live temporaries during add_grad_ is one largest tensor."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ws = [torch.randn(256, 256) for _ in range(6)] + [torch.randn(64) for _ in range(20)]
+    gs = [torch.zeros_like(w) for w in ws]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        L1().add_grad_(gs, ws, 1e-3)
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    largest = 256 * 256 * 4
+    assert 0 < peak <= largest
