@@ -161,6 +161,17 @@ class RegfitCLI(LightningCLI):
         if configure_wandb():
             log.debug("No W&B credentials found; WANDB_MODE=offline.")
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            # One W&B run per command, also in-process (notebooks, sweeps, tests): close it
+            # here rather than at interpreter exit, so the next command starts its own run
+            # instead of silently logging into this one. The run object stays readable.
+            for lg in _wandb_loggers(self.trainer):
+                if getattr(lg, "_experiment", None) is not None:
+                    lg.experiment.finish()
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         _check_term_names([cb for cb in [*(config.get("callbacks") or []), *callbacks] if isinstance(cb, Regularization)])
         return super()._instantiate_trainer(config, callbacks)

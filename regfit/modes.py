@@ -137,7 +137,7 @@ class Decoupled(Mode):
 
 
 class CautiousDecoupled(Decoupled):
-    """Cautious weight decay: a decoupled step applied only on the coordinates where the
+    r"""Cautious weight decay: a decoupled step applied only on the coordinates where the
     optimizer's update agrees in sign with the penalty's gradient (Chen et al. 2025,
     arXiv:2510.12402).
 

@@ -353,7 +353,7 @@ class _MatrixPenalty(Penalty):
 
 
 class Orthogonal(_MatrixPenalty):
-    """Soft orthogonality (Bansal et al. 2018): the rows (or columns) of W orthonormal.
+    r"""Soft orthogonality (Bansal et al. 2018): the rows (or columns) of W orthonormal.
 
     .. math::  R(W) = \lVert W W^\top - I \rVert_F^2 \;(\text{rows}),\qquad
                \nabla R = 4\,(W W^\top - I)\,W
@@ -422,7 +422,7 @@ class Orthogonal(_MatrixPenalty):
 
 
 class Nuclear(_MatrixPenalty):
-    """Nuclear (trace) norm :math:`R(W) = \sum_i \sigma_i(W)`, the convex surrogate of rank.
+    r"""Nuclear (trace) norm :math:`R(W) = \sum_i \sigma_i(W)`, the convex surrogate of rank.
 
     ``grad`` is :math:`U_r V_r^\top` over the nonzero singular values (a subgradient);
     ``prox`` is singular-value soft-thresholding,
@@ -450,7 +450,7 @@ class Nuclear(_MatrixPenalty):
 
 
 class SpectralNorm(_MatrixPenalty):
-    """Spectral norm :math:`R(W) = \sigma_{\max}(W)`, by power iteration (Yoshida &
+    r"""Spectral norm :math:`R(W) = \sigma_{\max}(W)`, by power iteration (Yoshida &
     Miyato 2017), with :math:`\nabla R = u_1 v_1^\top`.
 
     Each call runs ``n_iter`` power iterations from a fixed start vector, so the result is

@@ -99,19 +99,19 @@ def test_under_wandb_agent_the_logger_joins_the_agents_run(mnist_dir, tmp_path, 
         monkeypatch.setenv(var, env[var])  # what the agent's child process sees
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    # wandb reads WANDB_* once per process into its settings singleton; the agent's child is
+    # a fresh process, so start from a fresh singleton as it would (earlier tests made one).
+    wandb.teardown()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cli = run_cli([*command[2:], "--trainer.max_steps=2", *fast(mnist_dir, tmp_path, csv_logger=False)])
-    try:
-        run = cli.trainer.logger.experiment
-        assert run is wandb.run
-        assert (run.id, run.sweep_id) == ("run42", "sweep123")
-        # The agent's values (as W&B stores them) and the resolved config both reach the run.
-        assert run.config[LAMBDA] == values[LAMBDA] == run.config["regularization"]["strength"]
-        assert run.config[LR] == values[LR] == run.config["optimizer"]["init_args"]["lr"]
-        assert not [w for w in caught if "already in progress" in str(w.message)]
-    finally:
-        wandb.finish()
+    run = cli.trainer.logger.experiment
+    assert wandb.run is None  # the command closed its run, so the next one starts fresh
+    assert (run.id, run.sweep_id) == ("run42", "sweep123")
+    # The agent's values (as W&B stores them) and the resolved config both reach the run.
+    assert run.config[LAMBDA] == values[LAMBDA] == run.config["regularization"]["strength"]
+    assert run.config[LR] == values[LR] == run.config["optimizer"]["init_args"]["lr"]
+    assert not [w for w in caught if "already in progress" in str(w.message)]
 
 
 def test_local_sweep_three_trials(mnist_dir, tmp_path, in_repo, capsys):
