@@ -144,8 +144,8 @@ class Regularization(Callback):
         self.term.assign(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _refuse_sharded(self.name, self.term.assign(pl_module))
-        orphans = self.term.bind(pl_module, list(trainer.optimizers))
+        _refuse_sharded(self.name, self.term.assignments)
+        orphans = self.term.bind(None, list(trainer.optimizers))
         if orphans:
             log.warning("Term %r: %d selected parameters are in no optimizer and are left alone: %s",
                         self.name, len(orphans), ", ".join(orphans[:5]))
@@ -163,7 +163,7 @@ class Regularization(Callback):
         # and torch replaces the param-group dicts there: bind again to the live groups.
         live = {id(g) for opt in trainer.optimizers for g in opt.param_groups}
         if any(id(b.group) not in live for b in self.term.buckets):
-            self.term.bind(pl_module, list(trainer.optimizers))
+            self.term.bind(None, list(trainer.optimizers))
         if self._loaded_state is not None:  # the term's state from the checkpoint
             self._restore(self._loaded_state)
             self._loaded_state = None

@@ -166,10 +166,14 @@ class Term:
         self.assignments = assignments
         return assignments
 
-    def bind(self, model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> list[str]:
+    def bind(self, model: nn.Module | None, optimizers: list[torch.optim.Optimizer]) -> list[str]:
         """Resolve to buckets of (param group, coefficient). Returns the names of selected
-        parameters that no optimizer updates (they are left alone)."""
-        self.assign(model)
+        parameters that no optimizer updates (they are left alone).
+
+        ``model=None`` reuses the assignment of the last :meth:`assign` (the callback
+        selects once, at setup, and binds when the optimizers exist)."""
+        if model is not None:
+            self.assign(model)
         self.buckets, orphans = bucket_by_group(self.assignments, optimizers)
         return orphans
 
