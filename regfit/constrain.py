@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from regfit.constraints import Constraint
 from regfit.regularization import is_logging_step
 from regfit.selection import Selector
+from regfit.sharding import is_sharded
 from regfit.term import Assignment, bucket_by_group
 
 __all__ = ["Constrain"]
@@ -93,6 +94,15 @@ class Constrain(Callback):
                         self.name, len(orphans), ", ".join(orphans[:5]))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        live = {id(p) for p in pl_module.parameters()}
+        if any(id(a.param) not in live for a in self.assignments):  # replaced since setup (sharding)
+            self.setup(trainer, pl_module, "fit")
+        sharded = [a.name for a in self.assignments if is_sharded(a.param)]
+        if sharded:
+            raise NotImplementedError(
+                f"Constraint {self.name!r}: {', '.join(sharded[:3])}{' …' if len(sharded) > 3 else ''} are sharded "
+                "(DTensor) parameters, which constraints do not support yet. Exclude them (exclude=[...]) or "
+                "train with --trainer.strategy=ddp.")
         self._bind(trainer)
         for opt in trainer.optimizers:
             self._hooks.append(opt.register_step_post_hook(self._post_step))

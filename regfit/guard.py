@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from regfit.penalties import L1, L2, ElasticNet, GroupLasso, LHalf, Lp
+from regfit.sharding import all_ranks_agree, local
 from regfit.term import Term
 
 __all__ = ["NonFinitePenaltyError", "OnNonFinite", "apply_guarded", "all_finite", "check_weights"]
@@ -67,18 +68,20 @@ def all_finite(tensors: list[Tensor]) -> bool:
 _FINITE_FOR_FINITE_INPUT = (L2, L1, ElasticNet, Lp, LHalf, GroupLasso)
 
 
-def _targets(term: Term, group_ids: set[int] | None) -> tuple[list[str], list[Tensor]]:
-    """(names, tensors) the term writes in this step: grads or weights that have a grad."""
+def _targets(term: Term, group_ids: set[int] | None) -> tuple[list[str], list[Tensor], list[Tensor]]:
+    """(names, tensors, params) the term writes in this step: grads or weights that have a
+    grad, a sharded one as its local shard (what the kernels write), and their parameters."""
     writes_grad = term.mode.phase == "gradient"
-    names, tensors = [], []
+    names, tensors, params = [], [], []
     for bucket in term.buckets:
         if group_ids is not None and id(bucket.group) not in group_ids:
             continue
         for name, p in zip(bucket.names, bucket.params):
             if p.grad is not None:
                 names.append(name)
-                tensors.append(p.grad if writes_grad else p)
-    return names, tensors
+                tensors.append(local(p.grad if writes_grad else p))
+                params.append(p)
+    return names, tensors, params
 
 
 def apply_guarded(term: Term, group_ids: set[int] | None, on_nonfinite: OnNonFinite) -> None:
@@ -86,13 +89,16 @@ def apply_guarded(term: Term, group_ids: set[int] | None, on_nonfinite: OnNonFin
     if on_nonfinite == "off" or type(term.penalty) in _FINITE_FOR_FINITE_INPUT:
         term.apply(group_ids)  # no per-step sync: see the module docstring and check_weights
         return
-    names, tensors = _targets(term, group_ids)
+    names, tensors, params = _targets(term, group_ids)
     with torch.no_grad():
         backup = [t.clone() for t in tensors]
         term.apply(group_ids)
-        if all_finite(tensors):
+        # Each rank checked its own shards; all of them undo (or keep) the update together.
+        if all_ranks_agree(all_finite(tensors), params):
             return
         caused = [n for n, t, b in zip(names, tensors, backup) if not t.isfinite().all() and b.isfinite().all()]
+        if not caused and all_finite(tensors):  # sharded: the non-finite shard is on another rank
+            caused = ["a shard on another rank"]
         before = [n for n, b in zip(names, backup) if not b.isfinite().all()]
         torch._foreach_copy_(tensors, backup)
     what = "gradient" if term.mode.phase == "gradient" else "weights"
@@ -112,7 +118,7 @@ def check_weights(term: Term, norm: Tensor, on_nonfinite: OnNonFinite) -> None:
     diverged). ``norm`` is the term's weight norm, computed for logging anyway."""
     if on_nonfinite == "off" or bool(torch.isfinite(norm)):
         return
-    bad = [a.name for a in term.assignments if not torch.isfinite(a.param).all()]
+    bad = [a.name for a in term.assignments if not torch.isfinite(local(a.param)).all()]
     _diverged(term, bad, on_nonfinite)
 
 

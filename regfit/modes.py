@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from regfit.penalties import Penalty
+from regfit.sharding import local
 
 __all__ = ["Mode", "Coupled", "Decoupled", "CautiousDecoupled", "Proximal", "Bucket", "ModeSpec", "resolve_mode"]
 
@@ -59,8 +60,13 @@ class Bucket:
         return float(self.group["lr"])
 
     def stepping(self) -> list[Tensor]:
-        """The parameters that take a step now: those with a gradient."""
-        return [p for p in self.params if p.grad is not None]
+        """The parameters that take a step now (those with a gradient), as the tensors the
+        kernels update in place: a sharded (DTensor) parameter as its local shard."""
+        return [local(p) for p in self.params if p.grad is not None]
+
+    def stepping_grads(self) -> list[Tensor]:
+        """The gradients of :meth:`stepping`'s parameters, in the same order and form."""
+        return [local(p.grad) for p in self.params if p.grad is not None]
 
 
 class Mode:
@@ -98,7 +104,7 @@ class Coupled(Mode):
     def apply(self, penalty, bucket, strength):
         params = bucket.stepping()
         if params and strength:
-            penalty.add_grad_([p.grad for p in params], params, alpha=strength * bucket.coeff)
+            penalty.add_grad_(bucket.stepping_grads(), params, alpha=strength * bucket.coeff)
 
 
 class Decoupled(Mode):

@@ -56,6 +56,12 @@ class Penalty:
 
     #: Short name used for the default term name and in tables.
     name: str = "penalty"
+    #: The tensor dims along which a sharded (DTensor) parameter may be cut with the
+    #: kernels still exact shard by shard (see :mod:`regfit.sharding`): ``"any"`` for a sum
+    #: over entries, ``(0,)`` for a sum over rows, ``()`` (the default) for none — such a
+    #: penalty is refused on sharded parameters. Set ``"any"`` on your own penalty when
+    #: R(w) = Σ_i r(w_i) and its grad/prox act entry by entry.
+    shard_dims: str | tuple[int, ...] = ()
 
     def value(self, w: Tensor) -> Tensor:
         """R(w) as a 0-dim tensor."""
@@ -151,6 +157,7 @@ class L2(Penalty):
     """
 
     name = "l2"
+    shard_dims = "any"
 
     def value(self, w: Tensor) -> Tensor:
         return 0.5 * w.pow(2).sum()
@@ -186,6 +193,7 @@ class L1(Penalty):
     """
 
     name = "l1"
+    shard_dims = "any"
 
     def value(self, w: Tensor) -> Tensor:
         return w.abs().sum()
@@ -233,6 +241,7 @@ class ElasticNet(Penalty):
     """
 
     name = "elasticnet"
+    shard_dims = "any"
 
     def __init__(self, l1_ratio: float = 0.5) -> None:
         if not 0.0 <= l1_ratio <= 1.0:
@@ -267,6 +276,7 @@ class Lp(Penalty):
     """
 
     name = "lp"
+    shard_dims = "any"
 
     def __init__(self, p: float = 0.5, eps: float = 1e-3) -> None:
         if not 0.0 < p < 1.0:
@@ -326,6 +336,7 @@ class GroupLasso(Penalty):
     """
 
     name = "grouplasso"
+    shard_dims = (0,)  # groups are rows: a shard of whole rows holds whole groups
 
     def value(self, w: Tensor) -> Tensor:
         return F.group_lasso_value(w)

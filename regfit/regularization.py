@@ -21,7 +21,9 @@ applies no decay and no prox.
 
 Under DDP every rank applies the term to its own replica after the gradients are
 averaged (``on_before_optimizer_step`` runs after the all-reduce), so the replicas stay
-identical and the term adds no collective communication of its own.
+identical and the term adds no collective communication of its own. Under FSDP2 /
+``ModelParallelStrategy`` every rank applies it to its own shards; only the logged values
+are summed over ranks, on logging steps (:mod:`regfit.sharding`).
 
 Parameters are bound to the optimizers' param groups at fit start and bound again in
 ``on_train_start`` if a checkpoint restored the optimizer meanwhile
@@ -144,8 +146,11 @@ class Regularization(Callback):
         self.term.assign(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _refuse_sharded(self.name, self.term.assignments)
-        orphans = self.term.bind(None, list(trainer.optimizers))
+        # A strategy may have replaced the parameters since setup (ModelParallelStrategy
+        # shards them in configure_model): select again on the live ones.
+        live = {id(p) for p in pl_module.parameters()}
+        stale = any(id(a.param) not in live for a in self.term.assignments)
+        orphans = self.term.bind(pl_module if stale else None, list(trainer.optimizers))
         if orphans:
             log.warning("Term %r: %d selected parameters are in no optimizer and are left alone: %s",
                         self.name, len(orphans), ", ".join(orphans[:5]))
@@ -264,20 +269,6 @@ def _config_changes(saved: Any, current: dict[str, str], current_repr: str) -> l
         return [] if saved == current_repr else [f"config: {saved} → {current_repr}"]
     keys = list(current) + [k for k in saved if k not in current]
     return [f"{k}: {saved.get(k, '(absent)')} → {current.get(k, '(absent)')}" for k in keys if saved.get(k) != current.get(k)]
-
-
-def _refuse_sharded(term: str, assignments) -> None:
-    # Penalty values and updates of sharded (DTensor) parameters need per-shard kernels and
-    # an all-reduce of the shard sums, which regfit does not implement yet.
-    from torch.distributed.tensor import DTensor
-
-    sharded = [a.name for a in assignments if isinstance(a.param, DTensor)]
-    if sharded:
-        raise NotImplementedError(
-            f"Term {term!r}: parameters {', '.join(sharded[:3])}{' …' if len(sharded) > 3 else ''} are sharded "
-            "DTensors (FSDP2 / ModelParallelStrategy), which regfit does not support yet. "
-            "Use --trainer.strategy=ddp (replicated parameters), or leave these parameters out with exclude=[...]."
-        )
 
 
 def regularizations(trainer: pl.Trainer | None) -> list[Regularization]:

@@ -20,6 +20,7 @@ from regfit.penalties import Penalty
 from regfit.scaling import ScaleRule, scale_fn
 from regfit.schedules import Schedule
 from regfit.selection import ParamInfo, Selector
+from regfit.sharding import check_shardable, is_sharded, shard_sum
 
 __all__ = ["Term", "Assignment", "Override", "validate_strength", "bucket_by_group"]
 
@@ -163,6 +164,7 @@ class Term:
             if info.name in mults:
                 coeff *= mults[info.name]
             assignments.append(Assignment(info.name, info.param, coeff))
+        check_shardable(self.name, self.penalty, assignments)
         self.assignments = assignments
         return assignments
 
@@ -203,12 +205,14 @@ class Term:
                     self.mode.apply(self.penalty, bucket, self.strength_now(bucket))
 
     def value(self) -> Tensor:
-        """λ·Σ c·R(w) over the term's tensors, without building a graph."""
+        """λ·Σ c·R(w) over the term's tensors, without building a graph. Sharded tensors
+        are summed shard by shard, then over the ranks (one all-reduce, see
+        :mod:`regfit.sharding`)."""
         with torch.no_grad():
             if not self.assignments:
                 return torch.zeros(())
             ws = [a.param for a in self.assignments]
-            return self.strength_now() * self.penalty.total(ws, [a.coeff for a in self.assignments])
+            return self.strength_now() * shard_sum(self.penalty.total, ws, [a.coeff for a in self.assignments])
 
     def weight_stats(self) -> tuple[Tensor, Tensor]:
         """(‖w‖₂ over all tensors of the term, fraction of entries exactly 0)."""
@@ -216,8 +220,18 @@ class Term:
             ws = [a.param for a in self.assignments]
             if not ws:
                 return torch.zeros(()), torch.zeros(())
+            n = sum(w.numel() for w in ws)  # a DTensor's numel is the global one
+            if any(is_sharded(w) for w in ws):
+                # ‖w‖² and the nonzero count add up over shards: one all-reduce of both.
+                sq, nonzero = shard_sum(_square_and_nonzero, ws, [1.0] * len(ws))
+                return sq.sqrt().float(), ((n - nonzero) / n).float()  # float32 as below
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(ws)).float())
             # The 0-"norm" counts nonzeros: one batched call instead of a comparison per tensor.
             nonzero = torch.stack(torch._foreach_norm(ws, 0)).float().sum()
-            n = sum(w.numel() for w in ws)
             return norm, (n - nonzero) / n
+
+
+def _square_and_nonzero(ws: list[Tensor], coeffs: list[float]) -> Tensor:
+    """[Σ‖w‖², number of nonzero entries] of plain tensors, in float64 (exact counts)."""
+    return torch.stack([torch.stack(torch._foreach_norm(ws)).double().square().sum(),
+                        torch.stack(torch._foreach_norm(ws, 0)).double().sum()])

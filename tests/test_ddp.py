@@ -89,22 +89,31 @@ def test_ddp_penalty_adds_no_collective(ddp_results):
             assert ddp_results(run)[rank]["collectives"] == baseline[rank]["collectives"], (run, rank)
 
 
-def test_sharded_dtensor_parameters_are_refused_with_the_fix(tmp_path):
-    """FSDP2 / ModelParallelStrategy parameters (DTensors) fail early, naming the way out."""
+def test_sharded_parameters_refused_where_shards_are_not_exact(tmp_path):
+    """Sharded (DTensor) parameters: elementwise penalties train on them (tests/test_fsdp.py);
+    penalties that are not exact shard by shard fail at fit start, naming the way out."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.nn import Parameter
 
     from regfit import Regularization
-    from tests.helpers import fit
+    from regfit.penalties import GroupLasso, Nuclear
+    from tests.helpers import batches, fit
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        model = W.model()
         mesh = init_device_mesh("cpu", (1,))
-        model.head.weight = Parameter(distribute_tensor(model.head.weight.detach(), mesh, [Shard(0)]))
-        with pytest.raises(NotImplementedError, match=r"head\.weight.*sharded DTensors.*strategy=ddp.*exclude"):
-            fit(model, [], [Regularization("l2")])
+
+        def sharded(dim):
+            model = W.model()
+            model.head.weight = Parameter(distribute_tensor(model.head.weight.detach(), mesh, [Shard(dim)]))
+            return model
+
+        with pytest.raises(NotImplementedError, match=r"head\.weight.*Nuclear.*exclude.*strategy=ddp"):
+            fit(sharded(0), [], [Regularization(Nuclear(), exclude=["ndim<2"])])
+        with pytest.raises(NotImplementedError, match=r"head\.weight is sharded along dim \[1\].*GroupLasso.*dims \(0,\)"):
+            fit(sharded(1), [], [Regularization(GroupLasso())])
+        fit(sharded(0), [], [Regularization(GroupLasso(), include=["head.weight"])])  # rows: accepted
     finally:
         dist.destroy_process_group()
