@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -98,3 +103,27 @@ def reference_loop(model: nn.Module, optimizer: torch.optim.Optimizer, data, ext
 
 def max_param_diff(a: nn.Module, b: nn.Module) -> float:
     return max((pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters()))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch_ranks(args: list[str], out: Path, attempts: int = 2) -> None:
+    """Run a multi-process worker (``python ARGS OUT``) from the repo root; the workers write
+    their results under ``out`` and the calling test compares them.
+
+    A launch is retried once if it crashes: on this shared 2-core machine a gloo rank was
+    seen to abort (SIGABRT, ~1 run in 6) before training began. The workers assert
+    nothing themselves, so a retry cannot hide a wrong result; a worker that fails twice
+    fails the test with its output.
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    for attempt in range(attempts):
+        proc = subprocess.run([sys.executable, *args, str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        if proc.returncode == 0:
+            return
+    raise AssertionError(f"{' '.join(args)} failed {attempts}×:\n" + proc.stdout[-3000:] + proc.stderr[-3000:])

@@ -8,35 +8,22 @@ path) for one mode.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from tests import ddp_worker as W
+from tests.helpers import launch_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
 MODES = ["coupled", "decoupled", "proximal"]
-
-
-def launch(args: list[str], out: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    proc = subprocess.run([sys.executable, *args, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    launch(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/ddp_worker.py"], out)
-    launch(["tests/ddp_worker.py", "--lightning-launcher"], out)
+    launch_ranks(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/ddp_worker.py"], out)
+    launch_ranks(["tests/ddp_worker.py", "--lightning-launcher"], out)
 
     def load(tag):
         return [torch.load(out / f"{tag}_rank{r}.pt", weights_only=False) for r in range(W.WORLD)]
@@ -99,7 +86,7 @@ def test_sharded_parameters_refused_where_shards_are_not_exact(tmp_path):
 
     from regfit import Regularization
     from regfit.penalties import GroupLasso, Nuclear
-    from tests.helpers import batches, fit
+    from tests.helpers import fit
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

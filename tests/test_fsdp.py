@@ -8,31 +8,19 @@ and sparsity after every step (each rank sums its shards, one all-reduce adds th
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests import fsdp_worker as W
-from tests.helpers import batches
+from tests.helpers import batches, launch_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "tests/fsdp_worker.py", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch_ranks(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/fsdp_worker.py"], out)
     return lambda case: [torch.load(out / f"{case}_rank{r}.pt", weights_only=False) for r in range(W.WORLD)]
 
 
