@@ -11,24 +11,25 @@ A constraint has no strength and no penalty value, so it adds nothing to
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Sequence
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 
+from regfit.binding import BoundCallback
 from regfit.constraints import Constraint
+from regfit.modes import Bucket
 from regfit.regularization import is_logging_step
 from regfit.selection import Selector
 from regfit.sharding import is_sharded
-from regfit.term import Assignment, bucket_by_group
+from regfit.term import Assignment
 
 __all__ = ["Constrain"]
 
 log = logging.getLogger(__name__)
 
 
-class Constrain(Callback):
+class Constrain(BoundCallback):
     """After each optimizer step, ``w ← project(w)`` for every selected parameter.
 
     Args:
@@ -52,6 +53,8 @@ class Constrain(Callback):
             exclude: [bias, last_layer]
     """
 
+    kind = "Constraint"
+
     def __init__(
         self,
         constraint: Constraint,
@@ -64,60 +67,29 @@ class Constrain(Callback):
                 f"Constrain(constraint={constraint!r}): give a regfit.constraints.Constraint, "
                 "e.g. Constrain(MaxNorm(3.0)) or in YAML class_path: regfit.constraints.MaxNorm."
             )
+        super().__init__(name or constraint.name)
         self.constraint = constraint
         self.selector = Selector(include=include, exclude=exclude)
-        self._name = name or constraint.name
         self.assignments: list[Assignment] = []
-        self.buckets: list = []
-        self._hooks: list[Any] = []
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
+        self.buckets: list[Bucket] = []
 
     def __repr__(self) -> str:
         return (f"Constrain({self.constraint!r}, include={list(self.selector.include)}, "
                 f"exclude={list(self.selector.exclude)}, name={self.name!r})")
 
-    # ---- resolution ---------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    # ---- resolution (selection and binding: BoundCallback) ---------------------------------
+    def select(self, pl_module: pl.LightningModule) -> None:
         self.assignments = [Assignment(i.name, i.param, 1.0) for i in self.selector.select(pl_module)]
-
-    def _bind(self, trainer: pl.Trainer) -> None:
-        self.buckets, orphans = bucket_by_group(self.assignments, list(trainer.optimizers))
-        if orphans:
-            log.warning("Constraint %r: %d selected parameters are in no optimizer and are left alone: %s",
-                        self.name, len(orphans), ", ".join(orphans[:5]))
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        live = {id(p) for p in pl_module.parameters()}
-        if any(id(a.param) not in live for a in self.assignments):  # replaced since setup (sharding)
-            self.setup(trainer, pl_module, "fit")
         sharded = [a.name for a in self.assignments if is_sharded(a.param)]
         if sharded:
             raise NotImplementedError(
                 f"Constraint {self.name!r}: {', '.join(sharded[:3])}{' …' if len(sharded) > 3 else ''} are sharded "
                 "(DTensor) parameters, which constraints do not support yet. Exclude them (exclude=[...]) or "
                 "train with --trainer.strategy=ddp.")
-        self._bind(trainer)
-        for opt in trainer.optimizers:
-            self._hooks.append(opt.register_step_post_hook(self._post_step))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         log.info("Constraint %r: %s on %d tensors.", self.name, self.constraint, len(self.assignments))
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A resume replaces the optimizer's param-group dicts after on_fit_start.
-        live = {id(g) for opt in trainer.optimizers for g in opt.param_groups}
-        if any(id(b.group) not in live for b in self.buckets):
-            self._bind(trainer)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
 
     # ---- the step -----------------------------------------------------------------------
     def _post_step(self, optimizer, args, kwargs) -> None:

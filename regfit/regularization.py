@@ -25,10 +25,9 @@ identical and the term adds no collective communication of its own. Under FSDP2 
 ``ModelParallelStrategy`` every rank applies it to its own shards; only the logged values
 are summed over ranks, on logging steps (:mod:`regfit.sharding`).
 
-Parameters are bound to the optimizers' param groups at fit start and bound again in
-``on_train_start`` if a checkpoint restored the optimizer meanwhile
-(``Optimizer.load_state_dict`` replaces the param-group dicts); the term's state from the
-checkpoint is applied there too.
+Selection and binding to the optimizers' param groups (again after a resume replaced
+them) follow :mod:`regfit.binding`, shared with :class:`~regfit.constrain.Constrain`; the
+term's state from a checkpoint is applied in ``on_train_start``, once the binding is live.
 """
 
 from __future__ import annotations
@@ -38,23 +37,23 @@ from typing import Any, Sequence
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from regfit.binding import BoundCallback
 from regfit.guard import OnNonFinite, apply_guarded, check_weights
-from regfit.modes import ModeSpec, resolve_mode
+from regfit.modes import Bucket, ModeSpec, resolve_mode
 from regfit.penalties import Penalty, resolve_penalty
 from regfit.scaling import ScaleRule
 from regfit.schedules import Schedule
 from regfit.selection import Selector
-from regfit.term import Override, Term
+from regfit.term import Assignment, Override, Term
 
 __all__ = ["Regularization", "regularizations", "is_logging_step"]
 
 log = logging.getLogger(__name__)
 
 
-class Regularization(Callback):
+class Regularization(BoundCallback):
     """Apply ``λ · Σ c(w)·R(w)`` to the selected parameters of the model being fit.
 
     Args:
@@ -91,6 +90,8 @@ class Regularization(Callback):
         ])
     """
 
+    kind = "Term"
+
     def __init__(
         self,
         penalty: Penalty | str = "l2",
@@ -108,27 +109,32 @@ class Regularization(Callback):
             raise ValueError(f"on_nonfinite={on_nonfinite!r}: use 'raise', 'skip' or 'off'.")
         self.on_nonfinite = on_nonfinite
         penalty = resolve_penalty(penalty)
+        super().__init__(name or penalty.name)
         self.term = Term(
             penalty=penalty,
             strength=strength,
             selector=Selector(include=include, exclude=exclude),
             scale=scale,
             mode=resolve_mode(mode),
-            name=name or penalty.name,
+            name=self.name,
             schedule=schedule,
             overrides=[Override(**o) if isinstance(o, dict) else o for o in overrides],
         )
-        self._hooks: list[Any] = []
         self._armed: set[int] = set()
         self._loaded_state: dict[str, Any] | None = None
 
+    # The term holds what BoundCallback selects and binds.
     @property
-    def name(self) -> str:
-        return self.term.name
+    def assignments(self) -> list[Assignment]:
+        return self.term.assignments
 
     @property
-    def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
+    def buckets(self) -> list[Bucket]:
+        return self.term.buckets
+
+    @buckets.setter
+    def buckets(self, buckets: list[Bucket]) -> None:
+        self.term.buckets = buckets
 
     def __repr__(self) -> str:
         t = self.term
@@ -140,35 +146,20 @@ class Regularization(Callback):
             + ")"
         )
 
-    # ---- resolution ---------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Selection errors surface here, before any training step, also for validate/test.
+    # ---- resolution (selection and binding: BoundCallback) ---------------------------------
+    def select(self, pl_module: pl.LightningModule) -> None:
         self.term.assign(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A strategy may have replaced the parameters since setup (ModelParallelStrategy
-        # shards them in configure_model): select again on the live ones.
-        live = {id(p) for p in pl_module.parameters()}
-        stale = any(id(a.param) not in live for a in self.term.assignments)
-        orphans = self.term.bind(pl_module if stale else None, list(trainer.optimizers))
-        if orphans:
-            log.warning("Term %r: %d selected parameters are in no optimizer and are left alone: %s",
-                        self.name, len(orphans), ", ".join(orphans[:5]))
-        for opt in trainer.optimizers:
-            self._hooks.append(opt.register_step_pre_hook(self._pre_step))
-            self._hooks.append(opt.register_step_post_hook(self._post_step))
+        super().on_fit_start(trainer, pl_module)
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._defer_coupled = isinstance(pl_module, _reg_module_type()) and pl_module.automatic_optimization
-        n = sum(a.param.numel() for a in self.term.assignments)
+        n = sum(a.param.numel() for a in self.assignments)
         log.info("Term %r: %s, λ=%g, %s on %d tensors (%d weights).", self.name, self.term.penalty,
-                 self.term.strength, self.term.mode, len(self.term.assignments), n)
+                 self.term.strength, self.term.mode, len(self.assignments), n)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Resuming from a checkpoint runs optimizer.load_state_dict *after* on_fit_start,
-        # and torch replaces the param-group dicts there: bind again to the live groups.
-        live = {id(g) for opt in trainer.optimizers for g in opt.param_groups}
-        if any(id(b.group) not in live for b in self.term.buckets):
-            self.term.bind(None, list(trainer.optimizers))
+        super().on_train_start(trainer, pl_module)  # rebinds if a resume replaced the groups
         if self._loaded_state is not None:  # the term's state from the checkpoint
             self._restore(self._loaded_state)
             self._loaded_state = None
@@ -178,9 +169,7 @@ class Regularization(Callback):
         self.term.step = trainer.global_step
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
+        super().teardown(trainer, pl_module, stage)
         self._armed.clear()
 
     # ---- the step -----------------------------------------------------------------------
