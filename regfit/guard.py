@@ -76,11 +76,10 @@ def _targets(term: Term, group_ids: set[int] | None) -> tuple[list[str], list[Te
     for bucket in term.buckets:
         if group_ids is not None and id(bucket.group) not in group_ids:
             continue
-        for name, p in zip(bucket.names, bucket.params):
-            if p.grad is not None:
-                names.append(name)
-                tensors.append(local(p.grad if writes_grad else p))
-                params.append(p)
+        idx = bucket.stepping_indices()
+        names += [bucket.names[i] for i in idx]
+        tensors += bucket.stepping_grads() if writes_grad else bucket.stepping()
+        params += [bucket.params[i] for i in idx]
     return names, tensors, params
 
 

@@ -59,14 +59,19 @@ class Bucket:
     def lr(self) -> float:
         return float(self.group["lr"])
 
+    def stepping_indices(self) -> list[int]:
+        """Positions in ``params`` of the parameters that take a step now: those with a
+        gradient, as torch's optimizers decide (the one place this rule lives)."""
+        return [i for i, p in enumerate(self.params) if p.grad is not None]
+
     def stepping(self) -> list[Tensor]:
-        """The parameters that take a step now (those with a gradient), as the tensors the
-        kernels update in place: a sharded (DTensor) parameter as its local shard."""
-        return [local(p) for p in self.params if p.grad is not None]
+        """The stepping parameters as the tensors the kernels update in place: a sharded
+        (DTensor) parameter as its local shard."""
+        return [local(self.params[i]) for i in self.stepping_indices()]
 
     def stepping_grads(self) -> list[Tensor]:
         """The gradients of :meth:`stepping`'s parameters, in the same order and form."""
-        return [local(p.grad) for p in self.params if p.grad is not None]
+        return [local(self.params[i].grad) for i in self.stepping_indices()]
 
 
 class Mode:
