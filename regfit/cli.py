@@ -35,11 +35,10 @@ import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
 
 from regfit.module import RegModule
 from regfit.regularization import Regularization
-from regfit.weight_histograms import WeightHistograms
+from regfit.weight_histograms import WeightHistograms, wandb_loggers
 
 __all__ = ["RegfitCLI", "run_cli", "main", "UsageError", "wandb_credentials_found", "configure_wandb"]
 
@@ -87,10 +86,6 @@ def configure_wandb(environ: os._Environ | dict[str, str] | None = None) -> bool
     return True
 
 
-def _wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
-    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-
-
 class RegfitSaveConfig(SaveConfigCallback):
     """Save the resolved config: as ``config.yaml`` in the log dir, and into the W&B run.
 
@@ -102,11 +97,11 @@ class RegfitSaveConfig(SaveConfigCallback):
     offline_notice_shown = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.save_to_log_dir = not _wandb_loggers(trainer)
+        self.save_to_log_dir = not wandb_loggers(trainer)
         super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        loggers = _wandb_loggers(trainer)
+        loggers = wandb_loggers(trainer)
         if not loggers:
             return
         text = self.parser.dump(self.config, skip_none=False)
@@ -140,7 +135,10 @@ class RegfitCLI(LightningCLI):
     the resolved config saved to the W&B run, and :class:`WeightHistograms` added.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, extra_callbacks: Sequence[Callback] = (), **kwargs: Any) -> None:
+        # Added to the trainer's callbacks (e.g. a sweep's trial reporter), after the
+        # config's and the defaults.
+        self._extra_callbacks = list(extra_callbacks)
         kwargs.setdefault("model_class", RegModule)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("save_config_callback", RegfitSaveConfig)
@@ -168,11 +166,12 @@ class RegfitCLI(LightningCLI):
             # One W&B run per command, also in-process (notebooks, sweeps, tests): close it
             # here rather than at interpreter exit, so the next command starts its own run
             # instead of silently logging into this one. The run object stays readable.
-            for lg in _wandb_loggers(self.trainer):
+            for lg in wandb_loggers(self.trainer):
                 if getattr(lg, "_experiment", None) is not None:
                     lg.experiment.finish()
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        callbacks = [*callbacks, *self._extra_callbacks]
         _check_term_names([cb for cb in [*(config.get("callbacks") or []), *callbacks] if isinstance(cb, Regularization)])
         return super()._instantiate_trainer(config, callbacks)
 
@@ -194,7 +193,8 @@ def run_cli(args: Sequence[str], run: bool = True, **kwargs: Any) -> RegfitCLI:
 
     ``run_cli(["fit", "--config", "configs/mnist_l2.yaml"])`` trains;
     ``run_cli(["--config", FILE], run=False)`` only builds ``cli.model``, ``cli.datamodule``
-    and ``cli.trainer``. Errors are raised (see :func:`main` for their one-paragraph form).
+    and ``cli.trainer``; ``extra_callbacks=[...]`` adds callbacks to the trainer. Errors are
+    raised (see :func:`main` for their one-paragraph form).
     """
     # Passing args is the point here (main() strips --debug, groups its own name), so
     # Lightning's "args and sys.argv both given" warning does not apply.

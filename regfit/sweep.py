@@ -104,22 +104,11 @@ class TrialReporter(Callback):
 
 
 def fit_in_process(argv: Sequence[str], callbacks: Sequence[Callback]) -> pl.Trainer:
-    """``regfit ARGV`` (``fit …``) in this process, with ``callbacks`` added to the trainer."""
-    from regfit.cli import RegfitCLI
+    """``regfit ARGV`` (``fit …``) in this process, with ``callbacks`` added to the trainer.
+    The command closes its W&B run when it ends, so each trial gets its own."""
+    from regfit.cli import run_cli
 
-    class TrialCLI(RegfitCLI):
-        def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-            trainer = super().instantiate_trainer(**kwargs)
-            trainer.callbacks.extend(callbacks)
-            return trainer
-
-    # The trial's argv is the command line it stands for; LightningCLI warns when it is
-    # given ``args`` while sys.argv holds other arguments (here: those of regfit sweep).
-    saved, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        return TrialCLI(args=list(argv)).trainer
-    finally:
-        sys.argv = saved
+    return run_cli(argv, extra_callbacks=callbacks).trainer
 
 
 @contextlib.contextmanager
@@ -157,13 +146,6 @@ def _trial_environ(study_name: str, number: int) -> dict[str, str | None]:
     }
 
 
-def _finish_wandb_run() -> None:
-    """End the trial's W&B run: Lightning's WandbLogger leaves it open for the process."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish()
-
-
 @dataclass
 class Objective:
     """Optuna objective: sample, build the agent's argv, fit, return the last metric value."""
@@ -181,11 +163,8 @@ class Objective:
         trial.set_user_attr("argv", argv)
         reporter = TrialReporter(trial, self.metric.name)
         start = time.perf_counter()
-        try:
-            with _environ(_trial_environ(self.study_name, trial.number)):
-                trainer = self.fit(argv, [reporter])
-        finally:
-            _finish_wandb_run()
+        with _environ(_trial_environ(self.study_name, trial.number)):
+            trainer = self.fit(argv, [reporter])
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
         if trainer.log_dir:
             trial.set_user_attr("log_dir", str(trainer.log_dir))

@@ -19,6 +19,11 @@ from regfit.regularization import regularizations
 __all__ = ["WeightHistograms"]
 
 
+def wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:
+    """The trainer's W&B loggers (none: W&B is not in use)."""
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
 class WeightHistograms(Callback):
     """Log a histogram of each regularized parameter tensor at the end of every training epoch.
 
@@ -43,7 +48,7 @@ class WeightHistograms(Callback):
         return out
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        loggers = wandb_loggers(trainer)
         if not loggers or not trainer.is_global_zero:
             return
         hists = self.histograms(trainer)
