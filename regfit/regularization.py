@@ -174,10 +174,14 @@ class Regularization(BoundCallback):
 
     # ---- the step -----------------------------------------------------------------------
     def _run(self, phase: str, optimizer: torch.optim.Optimizer) -> None:
-        if phase == "pre_update":  # a mode that acts after the update may need w_t
-            self.term.prepare({id(g) for g in optimizer.param_groups})
+        prepares = phase == "pre_update"  # a mode that acts after the update may need w_t
+        if not prepares and self.term.mode.phase != phase:
+            return
+        group_ids = {id(g) for g in optimizer.param_groups}
+        if prepares:
+            self.term.prepare(group_ids)
         if self.term.mode.phase == phase:
-            apply_guarded(self.term, {id(g) for g in optimizer.param_groups}, self.on_nonfinite)
+            apply_guarded(self.term, group_ids, self.on_nonfinite)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self._defer_coupled:
@@ -235,7 +239,7 @@ class Regularization(BoundCallback):
 
     def _restore(self, state: dict[str, Any]) -> None:
         # The strength schedule needs no state: it reads trainer.global_step, restored by Lightning.
-        changes = _config_changes(state.get("config"), self.config(), repr(self))
+        changes = _config_changes(state.get("config"), self.config())
         if changes:
             rank_zero_warn(
                 f"Term {self.name!r}: the checkpoint was trained with a different regularization config; "
@@ -250,12 +254,10 @@ class Regularization(BoundCallback):
                            f"{len(self.term.buckets)}; the step-size state (max_lr) starts afresh.")
 
 
-def _config_changes(saved: Any, current: dict[str, str], current_repr: str) -> list[str]:
+def _config_changes(saved: dict[str, str] | None, current: dict[str, str]) -> list[str]:
     """Human-readable differences ``key: saved → current`` between two configs."""
-    if saved is None:
+    if not saved:
         return []
-    if not isinstance(saved, dict):  # a checkpoint from before configs were saved by field
-        return [] if saved == current_repr else [f"config: {saved} → {current_repr}"]
     keys = list(current) + [k for k in saved if k not in current]
     return [f"{k}: {saved.get(k, '(absent)')} → {current.get(k, '(absent)')}" for k in keys if saved.get(k) != current.get(k)]
 
