@@ -101,6 +101,17 @@ def reference_loop(model: nn.Module, optimizer: torch.optim.Optimizer, data, ext
     return model
 
 
+def finite_differences(penalty, w: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
+    """Central differences of ``penalty.value`` at ``w``, entry by entry (use float64)."""
+    fd = torch.empty_like(w)
+    for i in range(w.numel()):
+        e = torch.zeros(w.numel(), dtype=w.dtype)
+        e[i] = h
+        e = e.view_as(w)
+        fd.view(-1)[i] = (penalty.value(w + e) - penalty.value(w - e)) / (2 * h)
+    return fd
+
+
 def max_param_diff(a: nn.Module, b: nn.Module) -> float:
     return max((pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters()))
 

@@ -9,21 +9,11 @@ import torch
 
 from regfit import Regularization
 from regfit.penalties import Nuclear, Orthogonal, Penalty, SpectralNorm, resolve_penalty
-from tests.helpers import TinyNet, batches, fit, max_param_diff, reference_loop
+from tests.helpers import TinyNet, batches, finite_differences, fit, max_param_diff, reference_loop
 
 
 def rand(shape, seed=0):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def finite_differences(pen, w, h=1e-6):
-    fd = torch.empty_like(w)
-    for i in range(w.numel()):
-        e = torch.zeros(w.numel(), dtype=w.dtype)
-        e[i] = h
-        e = e.view_as(w)
-        fd.view(-1)[i] = (pen.value(w + e) - pen.value(w - e)) / (2 * h)
-    return fd
 
 
 MATRIX = {

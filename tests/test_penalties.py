@@ -9,6 +9,7 @@ import torch
 
 from regfit.functional import half_threshold, lp_prox, soft_threshold
 from regfit.penalties import L1, L2, ElasticNet, GroupLasso, LHalf, Lp, Penalty, resolve_penalty
+from tests.helpers import finite_differences
 
 PENALTIES = {
     "l2": L2(),
@@ -44,13 +45,7 @@ def test_grad_matches_finite_differences(name):
     pen = PENALTIES[name]
     w = away_from_kinks()
     g = pen.grad(w)
-    h = 1e-6
-    fd = torch.empty_like(w)
-    for idx in range(w.numel()):
-        e = torch.zeros(w.numel(), dtype=w.dtype)
-        e[idx] = h
-        e = e.view_as(w)
-        fd.view(-1)[idx] = (pen.value(w + e) - pen.value(w - e)) / (2 * h)
+    fd = finite_differences(pen, w)
     assert torch.allclose(g, fd, atol=1e-6, rtol=1e-6), (g - fd).abs().max()
 
 
