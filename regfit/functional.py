@@ -35,18 +35,24 @@ __all__ = [
 def soft_threshold(w: Tensor, t: float | Tensor) -> Tensor:
     """Proximal operator of ``t·‖w‖₁``: ``sign(w)·max(|w| − t, 0)``.
 
-    Computed as ``w − clamp(w, −t, t)``, which gives the same bits as the textbook form
-    and is about twice as fast on CPU.
+    For a number ``t ≥ 0`` this is torch's one-pass ``softshrink`` kernel (the same bits
+    as the textbook form); a tensor ``t`` uses ``w − clamp(w, −t, t)``.
 
     >>> soft_threshold(torch.tensor([-2.0, -0.5, 0.0, 0.3, 1.5]), 1.0)
     tensor([-1.0000,  0.0000,  0.0000,  0.0000,  0.5000])
     """
+    if not isinstance(t, Tensor) and t >= 0:
+        return torch.nn.functional.softshrink(w, t)
     return w - w.clamp(-t, t)
 
 
 def soft_threshold_(w: Tensor, t: float) -> Tensor:
-    """In-place :func:`soft_threshold`."""
-    return w.sub_(w.clamp(-t, t))
+    """In-place :func:`soft_threshold`: one read and one write of ``w``, no temporary."""
+    if t < 0:
+        raise ValueError(f"soft_threshold_(t={t!r}): the threshold must be >= 0.")
+    # softshrink's out= variant writes in place (input and output are the same memory,
+    # which elementwise kernels allow); torch.nn.functional.softshrink has no out=.
+    return torch._C._nn.softshrink(w, t, out=w)
 
 
 def half_threshold(w: Tensor, t: float | Tensor) -> Tensor:

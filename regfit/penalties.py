@@ -217,16 +217,32 @@ class L1(Penalty):
             torch._foreach_add_(ws[r], torch._foreach_sign(ws[r]), alpha=-alpha)
 
     def prox_(self, ws, t):
-        for r in _runs(ws):
-            run = ws[r]
-            if len(run) == 1:
-                F.soft_threshold_(run[0], t)  # two passes instead of three
-            else:
-                # w − clamp(w, −t, t), with the clamp split in two for _foreach
-                clipped = torch._foreach_clamp_min(run, -t)
-                torch._foreach_clamp_max_(clipped, t)
-                torch._foreach_sub_(run, clipped)
-                del clipped  # before the next run allocates its own
+        _soft_threshold_all_(ws, t)
+
+
+def _soft_threshold_all_(ws: list[Tensor], t: float) -> None:
+    """ws[i] ← soft_threshold(ws[i], t), in place and without temporaries where possible."""
+    if ws and ws[0].device.type == "cpu":
+        # On CPU a _foreach op is a loop over tensors anyway: one softshrink pass each.
+        for w in ws:
+            F.soft_threshold_(w, t)
+    else:
+        _soft_threshold_runs_(ws, t)
+
+
+def _soft_threshold_runs_(ws: list[Tensor], t: float) -> None:
+    """The accelerator form: a run of many small tensors is three ``_foreach`` launches,
+    ``w − clamp(w, −t, t)`` with the clamp split in two, instead of a launch per tensor."""
+    for r in _runs(ws):
+        run = ws[r]
+        if len(run) <= 2:
+            for w in run:
+                F.soft_threshold_(w, t)
+            continue
+        clipped = torch._foreach_clamp_min(run, -t)
+        torch._foreach_clamp_max_(clipped, t)
+        torch._foreach_sub_(run, clipped)
+        del clipped  # before the next run allocates its own
 
 
 class ElasticNet(Penalty):
@@ -259,6 +275,24 @@ class ElasticNet(Penalty):
     def prox(self, w: Tensor, t: float) -> Tensor:
         a = self.l1_ratio
         return F.soft_threshold(w, t * a) / (1.0 + t * (1.0 - a))
+
+    def add_grad_(self, gs, ws, alpha):
+        a = self.l1_ratio
+        L1().add_grad_(gs, ws, alpha * a)
+        torch._foreach_add_(gs, ws, alpha=alpha * (1.0 - a))
+
+    def decay_(self, ws, alpha):
+        a = self.l1_ratio
+        for r in _runs(ws):
+            signs = torch._foreach_sign(ws[r])  # of the weights before the step
+            torch._foreach_mul_(ws[r], 1.0 - alpha * (1.0 - a))
+            torch._foreach_add_(ws[r], signs, alpha=-alpha * a)
+            del signs
+
+    def prox_(self, ws, t):
+        a = self.l1_ratio
+        _soft_threshold_all_(ws, t * a)
+        torch._foreach_div_(ws, 1.0 + t * (1.0 - a))
 
 
 class Lp(Penalty):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from regfit import functional as F
-from regfit.penalties import L1, L2, LHalf, Lp, _runs
+from regfit.penalties import L1, L2, ElasticNet, LHalf, Lp, _runs
 
 
 def tensors(seed: int = 0) -> list[torch.Tensor]:
@@ -19,7 +19,7 @@ def tensors(seed: int = 0) -> list[torch.Tensor]:
     return ws
 
 
-PENALTIES = [L2(), L1(), LHalf(), Lp(p=0.3, eps=1e-2)]
+PENALTIES = [L2(), L1(), ElasticNet(0.3), LHalf(), Lp(p=0.3, eps=1e-2)]
 
 
 @pytest.mark.parametrize("penalty", PENALTIES, ids=lambda p: type(p).__name__)
@@ -34,7 +34,7 @@ def test_add_grad_and_decay_equal_per_tensor_grad(penalty):
         torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("penalty", [L2(), L1(), LHalf()], ids=lambda p: type(p).__name__)
+@pytest.mark.parametrize("penalty", [L2(), L1(), ElasticNet(0.3), LHalf()], ids=lambda p: type(p).__name__)
 def test_prox_equals_per_tensor_prox(penalty):
     ws = tensors()
     expected = [penalty.prox(w, 0.4) for w in ws]
@@ -75,3 +75,29 @@ def test_l1_kernel_temporaries_stay_within_the_largest_tensor():
         peak = max(peak, live)
     largest = 256 * 256 * 4
     assert 0 < peak <= largest
+
+
+def test_soft_threshold_run_form_equals_softshrink_bits():
+    """The accelerator path (_foreach clamps over runs) and the CPU path (softshrink per
+    tensor) give the same bits, so the choice by device changes no result."""
+    from regfit.penalties import _soft_threshold_runs_
+
+    ws = [w.float() for w in tensors()] + [torch.randn(64) for _ in range(5)]
+    expected = [torch.nn.functional.softshrink(w, 0.4) for w in ws]
+    _soft_threshold_runs_(ws, 0.4)
+    for got, exp in zip(ws, expected):
+        assert torch.equal(got, exp)
+
+
+def test_l1_prox_on_cpu_allocates_nothing():
+    from torch.profiler import ProfilerActivity, profile
+
+    ws = [torch.randn(256, 256) for _ in range(3)] + [torch.randn(64) for _ in range(20)]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        L1().prox_(ws, 1e-3)
+    assert sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0) == 0
+
+
+def test_soft_threshold_in_place_refuses_a_negative_threshold():
+    with pytest.raises(ValueError, match="t=-0.1"):
+        F.soft_threshold_(torch.randn(3), -0.1)
