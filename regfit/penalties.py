@@ -334,9 +334,16 @@ class Lp(Penalty):
     def prox_(self, ws, t):
         if self.p != 0.5:
             return super().prox_(ws, t)
-        if t:
-            for w in ws:
-                w.mul_(F.half_threshold_factor(w, t))
+        if not t or not ws:
+            return
+        largest = max(w.numel() for w in ws)
+        for w in ws:
+            # The factor holds 1.25 copies of what it sees (a float temporary and a boolean
+            # mask): the largest tensors go in two halves, so the peak stays within one copy
+            # of the largest tensor.
+            halve = 5 * w.numel() > 4 * largest and w.numel() > 1 and w.is_contiguous()
+            for part in w.view(-1).chunk(2) if halve else (w,):
+                part.mul_(F.half_threshold_factor(part, t))
 
     def add_grad_(self, gs, ws, alpha):
         for r in _runs(ws):

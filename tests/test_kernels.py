@@ -101,3 +101,20 @@ def test_l1_prox_on_cpu_allocates_nothing():
 def test_soft_threshold_in_place_refuses_a_negative_threshold():
     with pytest.raises(ValueError, match="t=-0.1"):
         F.soft_threshold_(torch.randn(3), -0.1)
+
+
+@pytest.mark.parametrize("penalty,method", [(L1(), "add_grad_"), (LHalf(), "add_grad_"), (LHalf(), "prox_")],
+                         ids=["L1-coupled", "LHalf-coupled", "LHalf-proximal"])
+def test_kernel_peak_memory_is_at_most_the_largest_tensor(penalty, method):
+    """Live temporaries during one batched call, from the CPU profiler's allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ws = [torch.randn(256, 256), torch.randn(200, 256)] + [torch.randn(64) for _ in range(20)]
+    args = ([torch.zeros_like(w) for w in ws], ws, 1e-3) if method == "add_grad_" else (ws, 1e-3)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        getattr(penalty, method)(*args)
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    assert 0 < peak <= 256 * 256 * 4
