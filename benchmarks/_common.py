@@ -88,6 +88,15 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join([fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in cells[1:]])
 
 
-def check(ratio: float, op: str, target: float) -> str:
+def check(ratio: float, op: str, target: float, q1: float | None = None, q3: float | None = None) -> str:
+    """``ok`` when the median meets the target; ``tie`` when it does not but the target lies
+    inside the quartiles of the per-round ratios (this run cannot tell them apart);
+    ``MISSED`` otherwise."""
     ok = ratio <= target if op == "<=" else ratio >= target
-    return f"{op} {target:g}: {'ok' if ok else 'MISSED'}"
+    if ok:
+        verdict = "ok"
+    elif q1 is not None and q3 is not None and q1 <= target <= q3:
+        verdict = "tie (within quartiles)"
+    else:
+        verdict = "MISSED"
+    return f"{op} {target:g}: {verdict}"

@@ -204,12 +204,43 @@ def bench_steps(args, device, sync) -> None:
             if num not in times or den not in times:
                 continue
             med, q1, q3 = ratio_stats(times[num], times[den])
-            verdict = check(med, op, target) if op and (only is None or model_name in only) else "info"
+            verdict = check(med, op, target, q1, q3) if op and (only is None or model_name in only) else "info"
             rows.append([num, f"{statistics.median(times[num]) * 1e3:.2f}", den, f"{statistics.median(times[den]) * 1e3:.2f}",
                          f"{med:.3f} [{q1:.3f}–{q3:.3f}]", verdict])
         print(f"\n### step: {model_name} ({len(list(proto.parameters()))} tensors, {n_params / 1e6:.2f}M parameters, "
               f"batch {args.batch}; {args.rounds} rounds × {args.steps} steps)\n")
         print(table(["variant", "ms/step", "vs", "ms/step", "ratio median [q1–q3]", "target"], rows))
+        bench_kernels(args, vs, proto, x, y, statistics.median(times["sgd"]), sync)
+
+
+# Per-step targets on the ratio to the unregularized step, for the kernel-alone estimate.
+KERNEL_TARGETS = {"regfit_coupled_l2": 1.02, "regfit_proximal_l1": 1.05, "regfit_coupled_lhalf": 1.05}
+
+
+def bench_kernels(args, vs: list[Variant], proto: nn.Module, x, y, step_seconds: float, sync) -> None:
+    """The regularization work alone, timed in isolation (many repetitions, so far less noisy
+    than a difference of two step times): what it adds to the unregularized step."""
+    rows = []
+    reps = max(1, args.steps * 5)
+    for v in vs:
+        if v.penalty is None:
+            continue
+        model = copy.deepcopy(proto)
+        opt = v.optimizer(list(model.parameters()))
+        F.cross_entropy(model(x), y).backward()  # gradients and optimizer state exist, as in training
+        opt.step()
+        term = bind_term(v, model, opt)
+        ids = {id(g) for g in opt.param_groups}
+        fn = lambda: apply_guarded(term, ids, v.guard)  # noqa: E731
+        time_per_call(fn, reps, sync)
+        seconds = statistics.median(time_per_call(fn, reps, sync) for _ in range(args.rounds))
+        target = KERNEL_TARGETS.get(v.name)
+        implied = 1.0 + seconds / step_seconds
+        rows.append([v.name, f"{seconds * 1e3:.3f}", f"{100 * seconds / step_seconds:.1f} %", f"{implied:.3f}",
+                     check(implied, "<=", target) if target else "info"])
+    print(f"\nregularization alone (term.apply as the callback calls it; {args.rounds} rounds × {reps} calls, "
+          f"median) against the unregularized step ({step_seconds * 1e3:.2f} ms):\n")
+    print(table(["variant", "ms/call", "of the step", "implied ratio", "target"], rows))
 
 
 # ---- memory ---------------------------------------------------------------------------------
@@ -367,7 +398,7 @@ def bench_lightning(args, device, sync) -> None:
     ]:
         med, q1, q3 = ratio_stats(times[num], times[den])
         rows.append([num, f"{statistics.median(times[num]) * 1e3:.2f}", den, f"{statistics.median(times[den]) * 1e3:.2f}",
-                     f"{med:.3f} [{q1:.3f}–{q3:.3f}]", check(med, op, target) if op else "info"])
+                     f"{med:.3f} [{q1:.3f}–{q3:.3f}]", check(med, op, target, q1, q3) if op else "info"])
     print(f"\n### lightning: MLP in a Trainer, mean ms/step over {args.lightning_steps} steps (CSVLogger), "
           f"{len(times[num])} rounds\n")
     print(table(["variant", "ms/step", "vs", "ms/step", "ratio median [q1–q3]", "target"], rows))
