@@ -1,7 +1,7 @@
 """One MNIST epoch: regfit in a Lightning Trainer against a hand-written PyTorch loop.
 
-Three ways to train the same MLP (784-1024-1024-10), batch size and optimizer (SGD,
-momentum 0.9, L2 λ = 1e-4) on the same in-memory tensors:
+Three ways to train the same MLP (784-1024-1024-10, or 784-32-10 with ``--model tiny``),
+batch size and optimizer (SGD, momentum 0.9, L2 λ = 1e-4) on the same in-memory tensors:
 
 * ``torch_loop`` — what users write by hand: ``SGD(weight_decay=λ)``, batches cut from the
   tensors with :class:`regfit.data.TensorBatches` (the same batching the data module uses);
@@ -23,6 +23,7 @@ Usage::
 
     python benchmarks/end_to_end.py
     python benchmarks/end_to_end.py --device cuda
+    python benchmarks/end_to_end.py --model tiny --batch 64   # host-bound steps: hooks and logging
     python benchmarks/end_to_end.py --quick      # a smoke run, numbers meaningless
 """
 

@@ -22,7 +22,7 @@ def run_script(*args: str) -> str:
 def test_step_overhead_prints_its_tables():
     out = run_script("benchmarks/step_overhead.py", "--quick", "--models", "cnn")
     assert out.startswith("machine: CPU: ")
-    for heading in ("### step: cnn", "### memory:", "### lightning:"):
+    for heading in ("### step: cnn", "regularization alone", "### memory:", "### lightning:"):
         assert heading in out
     for row in ("| regfit_coupled_l2 ", "| naive_l2_in_loss ", "| regfit_decoupled_l2_adam_foreach ",
                 "| regfit_l2_logging_every_50 "):
@@ -30,10 +30,14 @@ def test_step_overhead_prints_its_tables():
     # the memory bound of the batched kernels holds (a measurement, not a timing)
     l1_rows = [line for line in out.splitlines() if line.startswith("| cnn") and " l1 " in line]
     assert len(l1_rows) == 3 and all(": ok " in line for line in l1_rows), l1_rows  # coupled, decoupled, proximal
+    lhalf_rows = [line for line in out.splitlines() if line.startswith("| cnn") and " lhalf " in line]
+    assert len(lhalf_rows) == 3 and all(": ok " in line for line in lhalf_rows), lhalf_rows
 
 
 def test_end_to_end_prints_its_table(mnist_source):
     out = run_script("benchmarks/end_to_end.py", "--quick", "--source", str(mnist_source))
-    assert "### end to end: one epoch of 8000 MNIST digits, 3 batches" in out
+    assert "### end to end (mlp model): one epoch of 8000 MNIST digits, 3 batches" in out
     for row in ("| regfit / torch_loop ", "| lightning / torch_loop ", "| regfit / lightning "):
         assert row in out
+    out = run_script("benchmarks/end_to_end.py", "--quick", "--model", "tiny", "--source", str(mnist_source))
+    assert "### end to end (tiny model)" in out
