@@ -206,7 +206,8 @@ def main(argv=None) -> None:
     for num, den, target in [("regfit", "torch_loop", 1.15), ("lightning", "torch_loop", None), ("regfit", "lightning", None)]:
         for label, times in (("epoch", epoch), ("fit() call", whole)):
             med, q1, q3 = ratio_stats(times[num], times[den])
-            verdict = check(med, "<=", target, q1, q3) if target and label == "epoch" else "info"
+            # the target names the MLP; the tiny model is a diagnostic of host-side overhead
+            verdict = check(med, "<=", target, q1, q3) if target and label == "epoch" and args.model == "mlp" else "info"
             rows.append([f"{num} / {den}", label, f"{statistics.median(times[num]):.3f}", f"{statistics.median(times[den]):.3f}",
                          f"{med:.3f} [{q1:.3f}–{q3:.3f}]", verdict])
     print(f"\n### end to end ({args.model} model): one epoch of {len(dm.train_set.y)} MNIST digits, {n_batches} batches of {args.batch}, "
