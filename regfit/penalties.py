@@ -34,6 +34,7 @@ penalty works in ``coupled`` and ``decoupled`` mode (``proximal`` needs :meth:`p
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, Sequence
 
 import torch
@@ -118,29 +119,44 @@ def _upcast(w: Tensor) -> Tensor:
 
 
 # Temporaries of the batched kernels are bounded by one copy of the largest tensor: the
-# tensors are cut into runs whose total size is at most that, one ``_foreach`` call per run
-# (a single ``_foreach_sign`` over all parameters would hold a full copy of the model). On
-# CPU a ``_foreach`` op is a loop over its tensors anyway, so the runs cost nothing; on an
-# accelerator every run is a kernel launch, so runs there may reach 4 Mi elements (16 MiB in
-# float32) even when every tensor is smaller.
+# tensors are packed into runs whose total size is at most that, one ``_foreach`` call per
+# run (a single ``_foreach_sign`` over all parameters would hold a full copy of the model).
+# On an accelerator every run is a kernel launch, so runs there may reach 4 Mi elements
+# (16 MiB in float32) even when every tensor is smaller.
 _MIN_RUN = {"cpu": 0}
 _DEFAULT_MIN_RUN = 1 << 22
 
 
-def _runs(ws: Sequence[Tensor]) -> list[slice]:
-    """Consecutive index ranges of ``ws`` holding at most max(largest numel, device floor)."""
-    sizes = [w.numel() for w in ws]
-    if not sizes:
-        return []
-    budget = max(max(sizes), _MIN_RUN.get(ws[0].device.type, _DEFAULT_MIN_RUN))
-    runs, start, filled = [], 0, 0
-    for i, n in enumerate(sizes):
-        if filled + n > budget:
-            runs.append(slice(start, i))
-            start, filled = i, 0
-        filled += n
-    runs.append(slice(start, len(sizes)))
-    return runs
+def _runs(ws: Sequence[Tensor]) -> tuple[tuple[int, ...], ...]:
+    """Groups of indices into ``ws`` (a partition), each holding at most max(largest numel,
+    device floor) elements. Small tensors share groups wherever they sit in ``ws``: a model
+    whose biases and norms lie between large weights still needs few groups, which matters
+    on CPU too, where every tensor of every ``_foreach`` op costs a dispatch."""
+    if not ws:
+        return ()
+    sizes = tuple(w.numel() for w in ws)
+    return _pack(sizes, max(max(sizes), _MIN_RUN.get(ws[0].device.type, _DEFAULT_MIN_RUN)))
+
+
+@functools.lru_cache(maxsize=256)
+def _pack(sizes: tuple[int, ...], budget: int) -> tuple[tuple[int, ...], ...]:
+    """Next-fit over the tensors in increasing size (the same sizes give the same runs, so
+    this is computed once per model); each group keeps the original order."""
+    runs: list[list[int]] = []
+    filled = budget + 1
+    for i in sorted(range(len(sizes)), key=sizes.__getitem__):
+        if filled + sizes[i] > budget:
+            runs.append([])
+            filled = 0
+        runs[-1].append(i)
+        filled += sizes[i]
+    return tuple(tuple(sorted(r)) for r in runs)
+
+
+def _in_runs(*lists: Sequence[Tensor]):
+    """For each run of ``lists[0]``, the sub-lists of every list at that run's indices."""
+    for run in _runs(lists[0]):
+        yield tuple([xs[i] for i in run] for xs in lists)
 
 
 class L2(Penalty):
@@ -209,12 +225,12 @@ class L1(Penalty):
         return (norms * _as_tensor(coeffs, norms)).sum()
 
     def add_grad_(self, gs, ws, alpha):
-        for r in _runs(ws):
-            torch._foreach_add_(gs[r], torch._foreach_sign(ws[r]), alpha=alpha)
+        for w_run, g_run in _in_runs(ws, gs):
+            torch._foreach_add_(g_run, torch._foreach_sign(w_run), alpha=alpha)
 
     def decay_(self, ws, alpha):
-        for r in _runs(ws):
-            torch._foreach_add_(ws[r], torch._foreach_sign(ws[r]), alpha=-alpha)
+        for (w_run,) in _in_runs(ws):
+            torch._foreach_add_(w_run, torch._foreach_sign(w_run), alpha=-alpha)
 
     def prox_(self, ws, t):
         _soft_threshold_all_(ws, t)
@@ -233,8 +249,7 @@ def _soft_threshold_all_(ws: list[Tensor], t: float) -> None:
 def _soft_threshold_runs_(ws: list[Tensor], t: float) -> None:
     """The accelerator form: a run of many small tensors is three ``_foreach`` launches,
     ``w − clamp(w, −t, t)`` with the clamp split in two, instead of a launch per tensor."""
-    for r in _runs(ws):
-        run = ws[r]
+    for (run,) in _in_runs(ws):
         if len(run) <= 2:
             for w in run:
                 F.soft_threshold_(w, t)
@@ -283,10 +298,10 @@ class ElasticNet(Penalty):
 
     def decay_(self, ws, alpha):
         a = self.l1_ratio
-        for r in _runs(ws):
-            signs = torch._foreach_sign(ws[r])  # of the weights before the step
-            torch._foreach_mul_(ws[r], 1.0 - alpha * (1.0 - a))
-            torch._foreach_add_(ws[r], signs, alpha=-alpha * a)
+        for (w_run,) in _in_runs(ws):
+            signs = torch._foreach_sign(w_run)  # of the weights before the step
+            torch._foreach_mul_(w_run, 1.0 - alpha * (1.0 - a))
+            torch._foreach_add_(w_run, signs, alpha=-alpha * a)
             del signs
 
     def prox_(self, ws, t):
@@ -346,12 +361,12 @@ class Lp(Penalty):
                 part.mul_(F.half_threshold_factor(part, t))
 
     def add_grad_(self, gs, ws, alpha):
-        for r in _runs(ws):
-            torch._foreach_add_(gs[r], F.lp_grads(ws[r], self.p, self.eps), alpha=alpha * self.p)
+        for w_run, g_run in _in_runs(ws, gs):
+            torch._foreach_add_(g_run, F.lp_grads(w_run, self.p, self.eps), alpha=alpha * self.p)
 
     def decay_(self, ws, alpha):
-        for r in _runs(ws):
-            torch._foreach_add_(ws[r], F.lp_grads(ws[r], self.p, self.eps), alpha=-alpha * self.p)
+        for (w_run,) in _in_runs(ws):
+            torch._foreach_add_(w_run, F.lp_grads(w_run, self.p, self.eps), alpha=-alpha * self.p)
 
 
 class LHalf(Lp):

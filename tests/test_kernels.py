@@ -78,10 +78,22 @@ def test_runs_hold_at_most_the_largest_tensor_on_cpu():
     ws = tensors()
     runs = _runs(ws)
     largest = max(w.numel() for w in ws)
-    assert [i for r in runs for i in range(len(ws))[r]] == list(range(len(ws)))  # a partition, in order
-    assert all(sum(w.numel() for w in ws[r]) <= largest for r in runs)
+    assert sorted(i for r in runs for i in r) == list(range(len(ws)))  # a partition
+    assert all(list(r) == sorted(r) for r in runs)  # the original order inside a run
+    assert all(sum(ws[i].numel() for i in r) <= largest for r in runs)
     assert len(runs) < len(ws)  # small tensors share a run
-    assert _runs([]) == []
+    assert _runs([]) == ()
+
+
+def test_small_tensors_between_large_ones_share_a_run():
+    """Biases and norms sit between large weights in a model; they still go in one run
+    (each tensor of each _foreach op costs a dispatch, on CPU too)."""
+    ws = []
+    for _ in range(10):
+        ws += [torch.randn(64, 64), torch.randn(64), torch.randn(3)]
+    runs = _runs(ws)
+    assert len(runs) == 11  # ten large tensors alone, the twenty small ones together
+    assert sorted(len(r) for r in runs) == [1] * 10 + [20]
 
 
 def test_l1_kernel_temporaries_stay_within_the_largest_tensor():
