@@ -41,3 +41,16 @@ def test_end_to_end_prints_its_table(mnist_source):
         assert row in out
     out = run_script("benchmarks/end_to_end.py", "--quick", "--model", "tiny", "--source", str(mnist_source))
     assert "### end to end (tiny model)" in out
+
+
+def test_verdicts_call_a_miss_inside_the_quartiles_a_tie():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from _common import check
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert check(1.01, "<=", 1.02, 0.98, 1.05) == "<= 1.02: ok"
+    assert check(1.03, "<=", 1.02, 1.00, 1.05) == "<= 1.02: tie (within quartiles)"
+    assert check(1.08, "<=", 1.05, 1.06, 1.10) == "<= 1.05: MISSED"
+    assert check(1.05, ">=", 1.08, 1.02, 1.09) == ">= 1.08: tie (within quartiles)"
+    assert check(1.05, ">=", 1.08) == ">= 1.08: MISSED"  # no quartiles: no tie
