@@ -7,8 +7,8 @@ batch size and optimizer (SGD, momentum 0.9, L2 λ = 1e-4) on the same in-memory
   tensors with :class:`regfit.data.TensorBatches` (the same batching the data module uses);
 * ``lightning`` — a plain ``LightningModule`` with ``SGD(weight_decay=λ)`` and
   :class:`regfit.data.MNISTDataModule`: Lightning's own overhead;
-* ``regfit`` — a :class:`regfit.RegModule` with a coupled ``Regularization(L2)``, the same
-  data module: what ``regfit fit`` runs.
+* ``regfit`` — :class:`regfit.models.MLP` (a :class:`regfit.RegModule`) with a coupled
+  ``Regularization(L2)``, the same data module: what ``regfit fit`` runs.
 
 Lightning runs log to a CSVLogger every 50 steps, without progress bar, checkpoints or
 model summary. Two times are reported per run: the training epoch alone (Trainer hooks
@@ -46,8 +46,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from regfit import RegModule, Regularization
+from regfit import Regularization
 from regfit.data import MNISTDataModule, TensorBatches, build_split_from_test_set
+from regfit.models import MLP
 from regfit.penalties import L2
 
 LAM, LR, MOMENTUM = 1e-4, 0.05, 0.9
@@ -59,12 +60,13 @@ DEFAULT_SOURCE = next((p for p in SOURCES if p.is_dir()), SOURCES[0])
 # ``--model tiny`` makes every step host-bound (Python, hooks, logging), as small models
 # are on a GPU: what regfit adds on top of Lightning then shows in full.
 HIDDEN = {"mlp": (1024, 1024), "tiny": (32,)}
-MODEL = "mlp"
 
 
-def mlp() -> nn.Module:
+def mlp(hidden: tuple[int, ...]) -> nn.Module:
+    """The network as a user writes it by hand: the same layers, in the same creation order
+    (hence the same initial weights) as :class:`regfit.models.MLP`."""
     torch.manual_seed(0)
-    widths = (784, *HIDDEN[MODEL])
+    widths = (784, *hidden)
     layers: list[nn.Module] = [nn.Flatten()]
     for a, b in zip(widths, widths[1:]):
         layers += [nn.Linear(a, b), nn.ReLU()]
@@ -74,9 +76,9 @@ def mlp() -> nn.Module:
 class PlainModule(L.LightningModule):
     """What a Lightning user writes without regfit."""
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: tuple[int, ...]) -> None:
         super().__init__()
-        self.net = mlp()
+        self.net = mlp(hidden)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -88,17 +90,12 @@ class PlainModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=LAM)
 
 
-class RegMLP(RegModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = mlp()
+class RegMLP(MLP):
+    """What ``regfit fit`` runs: :class:`regfit.models.MLP`, with the SGD the CLI would supply."""
 
-    def forward(self, x):
-        return self.net(x)
-
-    def data_loss(self, batch):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
+    def __init__(self, hidden: tuple[int, ...]) -> None:
+        torch.manual_seed(0)
+        super().__init__(widths=hidden)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
@@ -117,8 +114,8 @@ class EpochClock(Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def torch_loop(dm: MNISTDataModule, device, sync, max_batches: int | None) -> tuple[float, float]:
-    model = mlp().to(device)
+def torch_loop(dm: MNISTDataModule, hidden, device, sync, max_batches: int | None) -> tuple[float, float]:
+    model = mlp(hidden).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=LAM)
     batches = TensorBatches(dm.train_set.x, dm.train_set.y, dm.batch_size, shuffle=True, seed=dm.seed)
     sync()
@@ -177,8 +174,6 @@ def main(argv=None) -> None:
     parser.add_argument("--source", default=str(DEFAULT_SOURCE), help="official MNIST test-set files")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 3 batches")
     args = parser.parse_args(argv)
-    global MODEL
-    MODEL = args.model
     max_batches = 3 if args.quick else None
     rounds = 1 if args.quick else args.rounds
     device = torch.device(args.device)
@@ -191,10 +186,12 @@ def main(argv=None) -> None:
     print(f"machine: {machine(device)}")
     dm = data_module(args)
     log_dir = tempfile.mkdtemp(prefix="regfit-bench-logs-")
+    hidden = HIDDEN[args.model]
     runs = {
-        "torch_loop": lambda: torch_loop(dm, device, sync, max_batches),
-        "lightning": lambda: lightning_run(PlainModule(), [], dm, device, sync, max_batches, log_dir),
-        "regfit": lambda: lightning_run(RegMLP(), [Regularization(L2(), strength=LAM)], dm, device, sync, max_batches, log_dir),
+        "torch_loop": lambda: torch_loop(dm, hidden, device, sync, max_batches),
+        "lightning": lambda: lightning_run(PlainModule(hidden), [], dm, device, sync, max_batches, log_dir),
+        "regfit": lambda: lightning_run(RegMLP(hidden), [Regularization(L2(), strength=LAM)], dm, device, sync, max_batches,
+                                        log_dir),
     }
     for run in runs.values() if not args.quick else ():  # warm up
         run()
