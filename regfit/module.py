@@ -24,8 +24,6 @@ __all__ = ["RegModule"]
 
 def _batch_size(batch: Any) -> int:
     """The batch size Lightning's own ``on_epoch`` means weight by (1 if none is found)."""
-    if batch is None:
-        return 1
     try:
         return extract_batch_size(batch)
     except MisconfigurationException:

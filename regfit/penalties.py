@@ -356,7 +356,7 @@ class Lp(Penalty):
             # The factor holds 1.25 copies of what it sees (a float temporary and a boolean
             # mask): the largest tensors go in two halves, so the peak stays within one copy
             # of the largest tensor.
-            halve = 5 * w.numel() > 4 * largest and w.numel() > 1 and w.is_contiguous()
+            halve = 5 * w.numel() > 4 * largest and w.is_contiguous()
             for part in w.view(-1).chunk(2) if halve else (w,):
                 part.mul_(F.half_threshold_factor(part, t))
 
