@@ -24,7 +24,7 @@ __all__ = [
     "lp_prox",
     "lp_value",
     "lp_grad",
-    "lp_grads",
+    "lp_grad_scales",
     "row_norms",
     "group_lasso_value",
     "group_lasso_grad",
@@ -153,19 +153,20 @@ def lp_grad(w: Tensor, p: float, eps: float) -> Tensor:
 
     .. math:: \\nabla R(w) = p\\, w \\max(|w|, \\varepsilon)^{p-2},
 
-    which is how it is computed (see :func:`lp_grads`).
+    which is how it is computed (see :func:`lp_grad_scales`).
     """
-    (g,) = lp_grads([w], p, eps)
-    return g.mul_(p)
+    (s,) = lp_grad_scales([w], p, eps)
+    return s.mul_(w).mul_(p)
 
 
-def lp_grads(ws: list[Tensor], p: float, eps: float) -> list[Tensor]:
-    """``w·max(|w|, eps)^{p−2}`` for each tensor: :func:`lp_grad` divided by ``p``.
+def lp_grad_scales(ws: list[Tensor], p: float, eps: float) -> list[Tensor]:
+    """``max(|w|, eps)^{p−2}`` for each tensor, so that :func:`lp_grad` is ``p·w·scale``.
 
-    The batched form behind the in-place penalty kernels: four in-place passes over one
-    temporary per tensor (the ``torch.where`` form needs five temporaries). For p = ½ the
-    power ``x^{−3/2}`` is taken as ``rsqrt(x)³``, about 50× faster on CPU than the generic
-    ``pow``, which goes through ``exp``/``log``.
+    The batched form behind the in-place penalty kernels: one temporary per tensor and
+    three in-place passes over it (four for p = ½); the kernels then fold ``p·w·scale``
+    into the gradient (or weight) with one ``addcmul``. For p = ½ the power ``x^{−3/2}``
+    is taken as ``rsqrt(x)³``, about 50× faster on CPU than the generic ``pow``, which
+    goes through ``exp``/``log``.
     """
     a = torch._foreach_abs(ws)
     torch._foreach_clamp_min_(a, eps)
@@ -174,7 +175,6 @@ def lp_grads(ws: list[Tensor], p: float, eps: float) -> list[Tensor]:
         torch._foreach_pow_(a, 3)
     else:
         torch._foreach_pow_(a, p - 2.0)
-    torch._foreach_mul_(a, ws)
     return a
 
 

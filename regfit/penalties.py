@@ -362,11 +362,11 @@ class Lp(Penalty):
 
     def add_grad_(self, gs, ws, alpha):
         for w_run, g_run in _in_runs(ws, gs):
-            torch._foreach_add_(g_run, F.lp_grads(w_run, self.p, self.eps), alpha=alpha * self.p)
+            torch._foreach_addcmul_(g_run, w_run, F.lp_grad_scales(w_run, self.p, self.eps), value=alpha * self.p)
 
     def decay_(self, ws, alpha):
         for (w_run,) in _in_runs(ws):
-            torch._foreach_add_(w_run, F.lp_grads(w_run, self.p, self.eps), alpha=-alpha * self.p)
+            torch._foreach_addcmul_(w_run, w_run, F.lp_grad_scales(w_run, self.p, self.eps), value=-alpha * self.p)
 
 
 class LHalf(Lp):

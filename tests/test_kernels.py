@@ -125,9 +125,40 @@ def test_soft_threshold_in_place_refuses_a_negative_threshold():
         F.soft_threshold_(torch.randn(3), -0.1)
 
 
-@pytest.mark.parametrize("penalty,method", [(L1(), "add_grad_"), (LHalf(), "add_grad_"), (LHalf(), "prox_")],
-                         ids=["L1-coupled", "LHalf-coupled", "LHalf-proximal"])
+@pytest.mark.parametrize("penalty,method", [(L1(), "add_grad_"), (L1(), "decay_"), (LHalf(), "add_grad_"),
+                                            (LHalf(), "decay_"), (LHalf(), "prox_"), (ElasticNet(0.5), "decay_")],
+                         ids=["L1-coupled", "L1-decoupled", "LHalf-coupled", "LHalf-decoupled", "LHalf-proximal",
+                              "ElasticNet-decoupled"])
 def test_kernel_peak_memory_is_at_most_the_largest_tensor(penalty, method):
-    ws = [torch.randn(256, 256), torch.randn(200, 256)] + [torch.randn(64) for _ in range(20)]
+    # three runs: each run's temporary must be freed before the next one is made
+    ws = [torch.randn(256, 256), torch.randn(200, 256), torch.randn(128, 256)] + [torch.randn(64) for _ in range(20)]
     args = ([torch.zeros_like(w) for w in ws], ws, 1e-3) if method == "add_grad_" else (ws, 1e-3)
     assert 0 < peak_temporaries(lambda: getattr(penalty, method)(*args)) <= LARGEST
+
+
+def aten_calls(fn) -> list[str]:
+    """The aten ops ``fn`` dispatches, in order (on a GPU each ``_foreach`` op is a launch)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return calls
+
+
+@pytest.mark.parametrize("method", ["add_grad_", "decay_"])
+def test_lhalf_kernel_is_five_batched_passes_per_run(method):
+    """abs, clamp, rsqrt, cube, and one addcmul that folds p·w·scale into the gradient (or
+    weight): one op per pass, whatever the number of tensors in the run."""
+    ws = [torch.randn(256, 256)] + [torch.randn(64) for _ in range(20)]  # two runs
+    gs = [torch.zeros_like(w) for w in ws]
+    args = (gs, ws, 1e-3) if method == "add_grad_" else (ws, 1e-3)
+    calls = aten_calls(lambda: getattr(LHalf(), method)(*args))
+    per_run = ["_foreach_abs", "_foreach_clamp_min_", "_foreach_rsqrt_", "_foreach_pow_", "_foreach_addcmul_"]
+    assert calls == per_run * len(_runs(ws)) == per_run * 2
