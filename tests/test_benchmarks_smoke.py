@@ -54,3 +54,10 @@ def test_verdicts_call_a_miss_inside_the_quartiles_a_tie():
     assert check(1.08, "<=", 1.05, 1.06, 1.10) == "<= 1.05: MISSED"
     assert check(1.05, ">=", 1.08, 1.02, 1.09) == ">= 1.08: tie (within quartiles)"
     assert check(1.05, ">=", 1.08) == ">= 1.08: MISSED"  # no quartiles: no tie
+
+
+def test_lhalf_kernels_prints_its_table():
+    out = run_script("benchmarks/lhalf_kernels.py", "--quick", "--models", "cnn")
+    assert "### coupled L1/2 kernels: cnn" in out
+    for row in ("| regfit ", "| mul_add ", "| chunked "):
+        assert row in out
