@@ -16,8 +16,8 @@ slower can be checked:
 
 Each alternative replaces ``add_grad_`` on an ``LHalf`` *instance*: its type stays
 ``LHalf``, so the non-finite guard treats it as the built-in penalty it is. (A subclass
-would be guarded per step — a copy of every gradient and a check — which costs more than
-the kernel and would swamp the comparison.)
+that redefines ``add_grad_`` is guarded per step — a copy of every gradient and a check —
+which costs more than the kernel and would swamp the comparison.)
 
 Usage::
 

@@ -6,8 +6,9 @@ With the built-in penalties a non-finite result can only come from non-finite we
 it can also come from its ``value``/``grad``/``prox`` (e.g. ``log(w)`` at ``w ≤ 0``).
 
 Built-in penalties are finite for finite input (the penalty test harness checks this at
-0, ±1e-30 and ±1e6 in three dtypes), so they cannot *cause* NaN/inf, and checking them
-every step would cost a host sync per step for nothing. For them a non-finite value can
+0, ±1e-30 and ±1e6 in three dtypes), and so are subclasses that only rename them (no
+method of their own: :func:`finite_for_finite_input`). They cannot *cause* NaN/inf, and
+checking them every step would cost a copy and a host sync per step for nothing. For them a non-finite value can
 only mean the weights already diverged; that is caught on logging steps, where the
 weight norm is computed (and synchronized) anyway: :func:`check_weights`.
 
@@ -31,6 +32,7 @@ sync. ``off`` removes them.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Literal
 
@@ -41,7 +43,7 @@ from regfit.penalties import L1, L2, ElasticNet, GroupLasso, LHalf, Lp
 from regfit.sharding import all_ranks_agree, local
 from regfit.term import Term
 
-__all__ = ["NonFinitePenaltyError", "OnNonFinite", "apply_guarded", "all_finite", "check_weights"]
+__all__ = ["NonFinitePenaltyError", "OnNonFinite", "apply_guarded", "all_finite", "check_weights", "finite_for_finite_input"]
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,22 @@ def all_finite(tensors: list[Tensor]) -> bool:
     return all(bool(t.isfinite().all()) for t in tensors)
 
 
-# Closed-form kernels that map finite weights (and gradients) to finite results; exact
-# types, since a subclass may redefine value/grad/prox.
+# Closed-form kernels that map finite weights (and gradients) to finite results.
 _FINITE_FOR_FINITE_INPUT = (L2, L1, ElasticNet, Lp, LHalf, GroupLasso)
+
+
+@functools.lru_cache(maxsize=None)
+def finite_for_finite_input(cls: type) -> bool:
+    """Whether penalties of type ``cls`` run a built-in kernel: a built-in type, or a
+    subclass of one that defines no method of its own (only a ``name``, a docstring or
+    other plain attributes). A subclass that defines any method — ``value``, ``grad``,
+    ``prox``, a kernel, even ``__init__`` — may leave the domain and is guarded."""
+    mro = cls.__mro__
+    for i, base in enumerate(mro):
+        if base in _FINITE_FOR_FINITE_INPUT:
+            return not any(callable(v) or isinstance(v, (staticmethod, classmethod, property))
+                            for sub in mro[:i] for v in vars(sub).values())
+    return False
 
 
 def _targets(term: Term, group_ids: set[int] | None) -> tuple[list[str], list[Tensor], list[Tensor]]:
@@ -85,7 +100,7 @@ def _targets(term: Term, group_ids: set[int] | None) -> tuple[list[str], list[Te
 
 def apply_guarded(term: Term, group_ids: set[int] | None, on_nonfinite: OnNonFinite) -> None:
     """``term.apply(group_ids)``, rolled back and reported if it writes NaN/inf."""
-    if on_nonfinite == "off" or type(term.penalty) in _FINITE_FOR_FINITE_INPUT:
+    if on_nonfinite == "off" or finite_for_finite_input(type(term.penalty)):
         term.apply(group_ids)  # no per-step sync: see the module docstring and check_weights
         return
     names, tensors, params = _targets(term, group_ids)

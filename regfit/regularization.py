@@ -79,8 +79,9 @@ class Regularization(BoundCallback):
         on_nonfinite: what happens when the term's update would write NaN/inf into the
             gradients or weights (see :mod:`regfit.guard`): ``raise`` (default) undoes it
             and stops with an error naming the term and parameters; ``skip`` undoes it,
-            warns, and trains on; ``off`` does not check (saves one reduction and one
-            host sync per step).
+            warns, and trains on; ``off`` does not check. Built-in penalties are checked
+            on logging steps only (their updates are finite for finite weights); your
+            own penalties every step, at a copy, a reduction and a host sync.
 
     Example::
 

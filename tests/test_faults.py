@@ -13,9 +13,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from regfit import Regularization
-from regfit.guard import NonFinitePenaltyError, apply_guarded
+from regfit.guard import NonFinitePenaltyError, apply_guarded, finite_for_finite_input
 from regfit.modes import Coupled
-from regfit.penalties import L2, Penalty
+from regfit.penalties import L1, L2, LHalf, Orthogonal, Penalty
 from regfit.selection import Selector
 from regfit.term import Term
 from tests.helpers import TinyNet, batches, fit
@@ -114,6 +114,47 @@ def test_non_finite_data_gradient_is_left_to_the_grad_scaler():
     model.head.weight.grad[0, 0] = float("inf")
     apply_guarded(term, None, "raise")
     assert model.head.weight.grad[0, 0] == float("inf")
+
+
+class RenamedLHalf(LHalf):
+    """Only a new name: the built-in kernel runs."""
+
+    name = "my_lhalf"
+
+
+class HalvedL2(L2):
+    """Redefines the gradient kernel: may do anything, so it is guarded."""
+
+    def add_grad_(self, gs, ws, alpha):
+        torch._foreach_add_(gs, [w * float("nan") if w.numel() > 20 else w for w in ws], alpha=alpha)
+
+
+class L1WithInit(L1):
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
+
+
+def test_only_builtin_kernels_skip_the_per_step_guard(monkeypatch):
+    assert all(finite_for_finite_input(c) for c in (L2, L1, LHalf, RenamedLHalf))
+    assert not any(finite_for_finite_input(c) for c in (HalvedL2, L1WithInit, Tripwire, Orthogonal))
+
+    def bind(penalty):
+        model = TinyNet()
+        term = Term(penalty, 1e-2, Selector(), "none", Coupled(), penalty.name)
+        term.bind(model, [torch.optim.SGD(model.parameters(), lr=0.1)])
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        return model, term
+
+    # a renamed built-in: no copy, no check (the check would fail this test)
+    with monkeypatch.context() as m:
+        m.setattr("regfit.guard.all_finite", lambda tensors: pytest.fail("a renamed LHalf was checked"))
+        apply_guarded(bind(RenamedLHalf())[1], None, "raise")
+    # a subclass that redefines a kernel is checked, and its NaN is undone
+    model, term = bind(HalvedL2())
+    with pytest.raises(NonFinitePenaltyError, match="Term 'l2'.*non-finite"):
+        apply_guarded(term, None, "raise")
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
 
 
 def test_guard_off_is_bit_identical_and_bad_value_is_rejected():
