@@ -1,7 +1,8 @@
-"""Shared pieces of the benchmarks: the machine line, timing, interleaved rounds, tables."""
+"""Shared pieces of the benchmarks: options, the machine line, timing, interleaved rounds, tables."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import random
@@ -37,6 +38,27 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         parts.insert(1, f"GPU: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})")
     return " | ".join(parts)
+
+
+def bench_parser(doc: str, rounds: int, quick: str) -> argparse.ArgumentParser:
+    """The options every benchmark has: device, threads, rounds, batch and a smoke mode."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--quick", action="store_true", help=f"smoke run: {quick}")
+    return parser
+
+
+def start(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[torch.device, Callable[[], None]]:
+    """Checks the device, sets the threads and prints the machine line: (device, sync)."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    torch.set_num_threads(args.threads)
+    print(f"machine: {machine(device)}")
+    return device, synchronizer(device)
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:

@@ -29,7 +29,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import tempfile
@@ -37,7 +36,7 @@ import time
 import warnings
 from pathlib import Path
 
-from _common import REPO, check, interleaved, machine, ratio_stats, synchronizer, table
+from _common import REPO, bench_parser, check, interleaved, ratio_stats, start, table
 
 import lightning as L
 import torch
@@ -163,27 +162,17 @@ def data_module(args) -> MNISTDataModule:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=256)
+    parser = bench_parser(__doc__, rounds=10, quick="1 round of 3 batches")
     parser.add_argument("--model", choices=sorted(HIDDEN), default="mlp",
                         help="mlp: 784-1024-1024-10; tiny: 784-32-10 (host-bound steps, as on a GPU)")
     parser.add_argument("--data-dir", default=None, help="an MNIST folder (default: an 8k/2k split of --source)")
     parser.add_argument("--source", default=str(DEFAULT_SOURCE), help="official MNIST test-set files")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 3 batches")
     args = parser.parse_args(argv)
     max_batches = 3 if args.quick else None
     rounds = 1 if args.quick else args.rounds
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible to torch; use --device cpu")
-    torch.set_num_threads(args.threads)
-    sync = synchronizer(device)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
-    print(f"machine: {machine(device)}")
+    device, sync = start(parser, args)
     dm = data_module(args)
     log_dir = tempfile.mkdtemp(prefix="regfit-bench-logs-")
     hidden = HIDDEN[args.model]

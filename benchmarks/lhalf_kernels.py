@@ -28,14 +28,13 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import types
 from typing import Callable
 
-from _common import check, interleaved, machine, ratio_stats, synchronizer, table, time_per_call
-from step_overhead import MODELS, Variant, make_step, sgd
+from _common import bench_parser, check, ratio_stats, start, table, time_per_call
+from step_overhead import MODELS, Variant, model_and_batch, sgd, time_steps
 
 import torch
 import torch.nn.functional as F
@@ -111,16 +110,9 @@ def bench(args, device: torch.device, sync) -> None:
     kerns = kernels(args.compile)
     check_equal(kerns, device)
     for model_name in args.models:
-        torch.manual_seed(0)
-        proto, shape = MODELS[model_name]()
-        proto.to(device)
-        x = torch.randn(args.batch, *shape, device=device)
-        y = torch.randint(0, 10, (args.batch,), device=device)
+        proto, x, y = model_and_batch(model_name, args.batch, device)
         vs = [Variant("sgd", sgd())] + [Variant(n, sgd(), with_kernel(k), Coupled()) for n, k in kerns.items()]
-        steps = {v.name: make_step(v, proto, x, y) for v in vs}
-        for fn in steps.values():  # warm up (and compile)
-            time_per_call(fn, args.warmup, sync)
-        times = interleaved({n: (lambda fn=fn: time_per_call(fn, args.steps, sync)) for n, fn in steps.items()}, args.rounds)
+        times = time_steps(vs, proto, x, y, args, sync)
         rows = []
         for name in kerns:
             med, q1, q3 = ratio_stats(times[name], times["sgd"])
@@ -144,25 +136,15 @@ def alone(kernel, proto, x, y, args, sync) -> float:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--rounds", type=int, default=20)
+    parser = bench_parser(__doc__, rounds=20, quick="2 rounds of 1 step, small batch")
     parser.add_argument("--steps", type=int, default=6, help="steps per variant per round")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--models", nargs="+", default=["mlp", "many_small"], choices=list(MODELS))
     parser.add_argument("--compile", action="store_true", help="add the torch.compile'd single-pass kernel")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 1 step, small batch")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps, args.warmup, args.batch = 2, 1, 1, 16
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible to torch; use --device cpu")
-    torch.set_num_threads(args.threads)
-    print(f"machine: {machine(device)}")
-    bench(args, device, synchronizer(device))
+    bench(args, *start(parser, args))
 
 
 if __name__ == "__main__":

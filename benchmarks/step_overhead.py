@@ -25,7 +25,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import tempfile
@@ -33,7 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from _common import check, interleaved, machine, ratio_stats, synchronizer, table, time_per_call
+from _common import bench_parser, check, interleaved, ratio_stats, start, table, time_per_call
 
 import torch
 import torch.nn.functional as F
@@ -186,19 +185,28 @@ def fused_supported(device: torch.device) -> bool:
         return False
 
 
+def model_and_batch(model_name: str, batch: int, device: torch.device) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The model (seeded) on ``device`` and one random batch for it."""
+    torch.manual_seed(0)
+    proto, shape = MODELS[model_name]()
+    proto.to(device)
+    return proto, torch.randn(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device)
+
+
+def time_steps(vs: list[Variant], proto: nn.Module, x, y, args, sync) -> dict[str, list[float]]:
+    """Seconds per step of each variant, one entry per round (variants interleaved)."""
+    steps = {v.name: make_step(v, proto, x, y) for v in vs}
+    for fn in steps.values():  # warm up: allocator, optimizer state, lazy inits (and compilation)
+        time_per_call(fn, args.warmup, sync)
+    return interleaved({n: (lambda fn=fn: time_per_call(fn, args.steps, sync)) for n, fn in steps.items()}, args.rounds)
+
+
 def bench_steps(args, device, sync) -> None:
     vs = variants(fused_supported(device))
     for model_name in args.models:
-        torch.manual_seed(0)
-        proto, shape = MODELS[model_name]()
-        proto.to(device)
-        x = torch.randn(args.batch, *shape, device=device)
-        y = torch.randint(0, 10, (args.batch,), device=device)
+        proto, x, y = model_and_batch(model_name, args.batch, device)
         n_params = sum(p.numel() for p in proto.parameters())
-        steps = {v.name: make_step(v, proto, x, y) for v in vs}
-        for fn in steps.values():  # warm up: allocator, optimizer state, lazy inits
-            time_per_call(fn, args.warmup, sync)
-        times = interleaved({n: (lambda fn=fn: time_per_call(fn, args.steps, sync)) for n, fn in steps.items()}, args.rounds)
+        times = time_steps(vs, proto, x, y, args, sync)
         rows = []
         for num, den, op, target, only in CHECKS:
             if num not in times or den not in times:
@@ -398,26 +406,16 @@ def bench_lightning(args, device, sync) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--rounds", type=int, default=12)
+    parser = bench_parser(__doc__, rounds=12, quick="2 rounds of 1 step, small batch")
     parser.add_argument("--steps", type=int, default=8, help="steps per variant per round")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--lightning-steps", type=int, default=200, help="steps per Trainer run (logging every 50)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--parts", nargs="+", default=["step", "memory", "lightning"], choices=["step", "memory", "lightning"])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 1 step, small batch")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps, args.warmup, args.batch, args.lightning_steps = 2, 1, 1, 16, 4
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible to torch; use --device cpu")
-    torch.set_num_threads(args.threads)
-    sync = synchronizer(device)
-    print(f"machine: {machine(device)}")
+    device, sync = start(parser, args)
     if "step" in args.parts:
         bench_steps(args, device, sync)
     if "memory" in args.parts:
