@@ -20,7 +20,7 @@ __all__ = [
     "soft_threshold",
     "soft_threshold_",
     "half_threshold",
-    "half_threshold_factor",
+    "half_threshold_",
     "lp_prox",
     "lp_value",
     "lp_grad",
@@ -39,7 +39,7 @@ def soft_threshold(w: Tensor, t: float | Tensor) -> Tensor:
     as the textbook form); a tensor ``t`` uses ``w − clamp(w, −t, t)``.
 
     >>> soft_threshold(torch.tensor([-2.0, -0.5, 0.0, 0.3, 1.5]), 1.0)
-    tensor([-1.0000,  0.0000,  0.0000,  0.0000,  0.5000])
+    tensor([-1.0000, -0.0000,  0.0000,  0.0000,  0.5000])
     """
     if not isinstance(t, Tensor) and t >= 0:
         return torch.nn.functional.softshrink(w, t)
@@ -55,7 +55,7 @@ def soft_threshold_(w: Tensor, t: float) -> Tensor:
     return torch._C._nn.softshrink(w, t, out=w)
 
 
-def half_threshold(w: Tensor, t: float | Tensor) -> Tensor:
+def half_threshold(w: Tensor, t: float) -> Tensor:
     """Closed-form proximal operator of ``t·Σ|w|^½`` (half-thresholding, Xu et al. 2012).
 
     With the problem written as ``½(x − w)² + t·|x|^½`` the global minimizer is 0 for
@@ -66,35 +66,57 @@ def half_threshold(w: Tensor, t: float | Tensor) -> Tensor:
 
     Xu, Chang, Xu, Zhang (2012), "L1/2 regularization: a thresholding representation
     theory and a fast solver", IEEE TNNLS 23(7). (Their λ is ``2t`` here because their
-    data term has no ½.)
+    data term has no ½.) Computed as :func:`half_threshold_` on a copy.
 
     >>> half_threshold(torch.tensor([0.5, 1.0, 4.0]), 1.0)
     tensor([0.0000, 0.0000, 3.7415])
     """
-    if not isinstance(t, Tensor) and t == 0:
-        return w.clone()  # the trigonometric form is exact only up to rounding at t = 0
-    return half_threshold_factor(w, t).mul_(w)
+    (x,) = half_threshold_([w.clone()], t)
+    return x
 
 
-def half_threshold_factor(w: Tensor, t: float | Tensor) -> Tensor:
-    """The factor ``f`` with ``half_threshold(w, t) = f·w``: 0 where ``|w|`` is at most the
-    threshold, else ``⅔(1 + cos(2π/3 − ⅔φ))``.
+def half_threshold_(ws: list[Tensor], t: float) -> list[Tensor]:
+    """:func:`half_threshold` of every tensor of ``ws``, in place, as batched ``_foreach``
+    passes over one temporary per tensor (a caller bounds the list's size to bound it).
 
-    Computed in place on one temporary (plus a boolean mask), so the in-place prox
-    ``w.mul_(f)`` holds little more than one copy of ``w``; ``(|w|/3)^{−3/2}`` is taken as
-    ``rsqrt(|w|/3)³``, far faster on CPU than the generic ``pow``.
+    The entries at or below the threshold are zeroed by ``hardshrink`` (in place); the
+    others are multiplied by ``⅔(1 + cos(2π/3 − ⅔φ))``, which lies in (⅔, 1]. φ's argument
+    ``(t/4)(|w|/3)^{−3/2}`` is taken as ``(s·|w|)^{−3/2}`` with ``s = (4/t)^{2/3}/3``, and
+    ``s·|w|`` is clamped at 2^{1/3}, its value at the threshold: the argument then stays in
+    (0, 1/√2] and no intermediate overflows, in float16 too (``(|w|/3)^{−3/2}`` itself
+    exceeds float16's range below |w| ≈ 2e-3). ``x^{−3/2}`` is ``rsqrt(x)³``, far faster on
+    CPU than the generic ``pow``.
     """
-    # A float t stays a Python number: a device tensor made from it would be a host-to-GPU
-    # copy, i.e. a synchronization, at every proximal step.
-    threshold = 1.5 * (t.pow(2.0 / 3.0) if isinstance(t, Tensor) else t ** (2.0 / 3.0))
-    f = w.abs()
-    keep = f > threshold
-    # The clamps keep arccos's argument in [-1, 1] and avoid 0^(-3/2) for entries that the
-    # threshold zeroes anyway; `keep` discards those lanes.
-    f.clamp_(min=torch.finfo(w.dtype).tiny).clamp_(min=threshold)
-    f.div_(3.0).rsqrt_().pow_(3).mul_(t / 4.0).clamp_(-1.0, 1.0).arccos_()  # φ
-    f.mul_(-2.0 / 3.0).add_(2.0 * math.pi / 3.0).cos_().add_(1.0).mul_(2.0 / 3.0)
-    return f.mul_(keep)
+    if isinstance(t, Tensor):
+        raise TypeError(f"half_threshold_(t={t!r}): pass the threshold parameter as a number.")
+    if t < 0:
+        raise ValueError(f"half_threshold_(t={t!r}): t must be >= 0.")
+    if t == 0 or not ws:
+        return ws
+    # s overflows float32 (the compute type of float32/16 tensors) only for t below ~1e-57;
+    # capped there, entries below ~1e-38 are taken as lying at the threshold.
+    cap = math.inf if all(w.dtype == torch.float64 for w in ws) else torch.finfo(torch.float32).max
+    f = torch._foreach_abs(ws)
+    scale = min((4.0 / t) ** (2.0 / 3.0) / 3.0, cap)
+    if any(w.dtype in (torch.float16, torch.bfloat16) for w in ws):
+        for x in f:  # a _foreach scalar is rounded to the tensor's dtype first (inf in float16)
+            x.mul_(scale)  # Tensor.mul_ multiplies in float32
+    else:
+        torch._foreach_mul_(f, scale)
+    torch._foreach_clamp_min_(f, 2.0 ** (1.0 / 3.0))
+    torch._foreach_rsqrt_(f)
+    torch._foreach_pow_(f, 3)  # (t/4)(|w|/3)^(−3/2), in (0, 1/√2]
+    torch._foreach_acos_(f)  # φ
+    torch._foreach_mul_(f, -2.0 / 3.0)
+    torch._foreach_add_(f, 2.0 * math.pi / 3.0)
+    torch._foreach_cos_(f)
+    torch._foreach_add_(f, 1.0)
+    torch._foreach_mul_(f, 2.0 / 3.0)
+    threshold = 1.5 * t ** (2.0 / 3.0)
+    for w in ws:
+        torch.hardshrink(w, threshold, out=w)  # zero |w| <= threshold, one pass, in place
+    torch._foreach_mul_(ws, f)
+    return ws
 
 
 def lp_prox(w: Tensor, t: float, p: float, iters: int = 30) -> Tensor:

@@ -349,16 +349,8 @@ class Lp(Penalty):
     def prox_(self, ws, t):
         if self.p != 0.5:
             return super().prox_(ws, t)
-        if not t or not ws:
-            return
-        largest = max(w.numel() for w in ws)
-        for w in ws:
-            # The factor holds 1.25 copies of what it sees (a float temporary and a boolean
-            # mask): the largest tensors go in two halves, so the peak stays within one copy
-            # of the largest tensor.
-            halve = 5 * w.numel() > 4 * largest and w.is_contiguous()
-            for part in w.view(-1).chunk(2) if halve else (w,):
-                part.mul_(F.half_threshold_factor(part, t))
+        for (run,) in _in_runs(ws):  # one temporary per run: within one copy of the largest tensor
+            F.half_threshold_(run, t)
 
     def add_grad_(self, gs, ws, alpha):
         for w_run, g_run in _in_runs(ws, gs):

@@ -162,3 +162,14 @@ def test_lhalf_kernel_is_five_batched_passes_per_run(method):
     calls = aten_calls(lambda: getattr(LHalf(), method)(*args))
     per_run = ["_foreach_abs", "_foreach_clamp_min_", "_foreach_rsqrt_", "_foreach_pow_", "_foreach_addcmul_"]
     assert calls == per_run * len(_runs(ws)) == per_run * 2
+
+
+def test_lhalf_prox_is_batched_per_run():
+    """Half-thresholding is the same dozen _foreach passes per run however many tensors
+    the run holds, plus one in-place hardshrink per tensor (it used to be ~17 ops per
+    tensor: a GPU launch each)."""
+    ws = [torch.randn(256, 256)] + [torch.randn(64) for _ in range(20)]  # two runs
+    calls = aten_calls(lambda: LHalf().prox_(ws, 1e-3))
+    assert sum(c.startswith("_foreach_") for c in calls) == 12 * len(_runs(ws)) == 24
+    assert calls.count("hardshrink") == len(ws)
+    assert len(calls) == 24 + len(ws)

@@ -17,3 +17,19 @@ def test_compiles_without_warnings(path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compile(path.read_text(encoding="utf-8"), str(path), "exec")
+
+
+MODULES = sorted(p.stem for p in (ROOT / "regfit").glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_docstring_examples_print_what_they_show(module):
+    """The ``>>>`` examples in the docstrings are what the code returns today."""
+    import doctest
+    import importlib
+
+    import torch
+
+    mod = importlib.import_module(f"regfit.{module}")
+    result = doctest.testmod(mod, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE, verbose=False)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples in regfit/{module}.py differ"
