@@ -177,27 +177,41 @@ def lp_grad(w: Tensor, p: float, eps: float) -> Tensor:
 
     which is how it is computed (see :func:`lp_grad_scales`).
     """
-    (s,) = lp_grad_scales([w], p, eps)
-    return s.mul_(w).mul_(p)
+    (s,), c = lp_grad_scales([w], p, eps)
+    return s.mul_(w).mul_(p * c)
 
 
-def lp_grad_scales(ws: list[Tensor], p: float, eps: float) -> list[Tensor]:
-    """``max(|w|, eps)^{p−2}`` for each tensor, so that :func:`lp_grad` is ``p·w·scale``.
+def lp_grad_scales(ws: list[Tensor], p: float, eps: float) -> tuple[list[Tensor], float]:
+    """``(scales, c)`` with ``c·scale = max(|w|, eps)^{p−2}`` for each tensor, so that
+    :func:`lp_grad` is ``p·c·w·scale``.
 
     The batched form behind the in-place penalty kernels: one temporary per tensor and
-    three in-place passes over it (four for p = ½); the kernels then fold ``p·w·scale``
+    three in-place passes over it (four for p = ½); the kernels then fold ``p·c·w·scale``
     into the gradient (or weight) with one ``addcmul``. For p = ½ the power ``x^{−3/2}``
     is taken as ``rsqrt(x)³``, about 50× faster on CPU than the generic ``pow``, which
     goes through ``exp``/``log``.
+
+    ``c`` is 1 unless ``eps^{p−2}``, the largest scale, would overflow the weights' dtype
+    (float16: ``Lp(p=0.3)`` at the default eps, or ``LHalf(eps < 7e-4)``). Then the scales
+    are ``max(|w|, eps)/m0`` to the power ``p−2``, with ``m0`` chosen so that the largest is
+    a quarter of the dtype's maximum (small scales, of large weights, stay out of its
+    subnormal range as far as possible), and ``c = m0^{p−2}`` is applied as a number.
     """
     a = torch._foreach_abs(ws)
     torch._foreach_clamp_min_(a, eps)
+    c = 1.0
+    largest = min(torch.finfo(w.dtype).max for w in ws) / 4
+    if eps ** (p - 2.0) > largest:
+        m0 = eps * largest ** (1.0 / (2.0 - p))
+        c = m0 ** (p - 2.0)
+        for x in a:  # Tensor.mul_ multiplies in float32; a _foreach scalar is rounded to float16 first
+            x.mul_(1.0 / m0)
     if p == 0.5:
         torch._foreach_rsqrt_(a)
         torch._foreach_pow_(a, 3)
     else:
         torch._foreach_pow_(a, p - 2.0)
-    return a
+    return a, c
 
 
 def row_norms(w: Tensor) -> Tensor:

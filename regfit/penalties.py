@@ -354,11 +354,15 @@ class Lp(Penalty):
 
     def add_grad_(self, gs, ws, alpha):
         for w_run, g_run in _in_runs(ws, gs):
-            torch._foreach_addcmul_(g_run, w_run, F.lp_grad_scales(w_run, self.p, self.eps), value=alpha * self.p)
+            scales, c = F.lp_grad_scales(w_run, self.p, self.eps)
+            torch._foreach_addcmul_(g_run, w_run, scales, value=alpha * self.p * c)
+            del scales  # before the next run makes its own
 
     def decay_(self, ws, alpha):
         for (w_run,) in _in_runs(ws):
-            torch._foreach_addcmul_(w_run, w_run, F.lp_grad_scales(w_run, self.p, self.eps), value=-alpha * self.p)
+            scales, c = F.lp_grad_scales(w_run, self.p, self.eps)
+            torch._foreach_addcmul_(w_run, w_run, scales, value=-alpha * self.p * c)
+            del scales
 
 
 class LHalf(Lp):

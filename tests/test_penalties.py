@@ -124,13 +124,17 @@ def test_finite_at_zero_tiny_and_huge(name, value):
         assert torch.isfinite(pen.prox(w, t)).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ids)
 def test_finite_in_low_precision(name, dtype):
     pen = PENALTIES[name]
-    w = torch.tensor([[0.0, 1e-30, -3.0, 1e4]], dtype=dtype)
+    w = torch.tensor([[0.0, 1e-30, 1e-4, -5e-4, -3.0, 1e4]], dtype=dtype)
     assert torch.isfinite(pen.grad(w)).all()
-    assert torch.isfinite(pen.prox(w, 0.5)).all()
+    for ws in ([w.clone()], [torch.zeros_like(w), w.clone()]):  # the batched kernels too
+        pen.add_grad_(ws[-1:], ws[:1], 0.1) if len(ws) == 2 else pen.decay_(ws, 0.1)
+        assert all(torch.isfinite(x).all() for x in ws)
+    for t in (1e-7, 0.5):
+        assert torch.isfinite(pen.prox(w, t)).all()
     assert pen.total([w], [1.0]).dtype in (torch.float32, torch.float64)
 
 
@@ -153,6 +157,19 @@ def test_half_threshold_in_low_precision_matches_float64(dtype):
         ws = [w.clone()]
         LHalf().prox_(ws, t)
         assert torch.equal(ws[0], got)
+
+
+@pytest.mark.parametrize("pen", [Lp(p=0.3), LHalf(eps=1e-4), LHalf()], ids=["lp0.3", "lhalf-eps1e-4", "lhalf"])
+def test_lp_gradient_in_float16_matches_float64(pen):
+    """eps^(p-2), the largest gradient scale, exceeds float16's range for these two (1.3e5,
+    1e6): the kernels then scale by a number instead of an inf that turned small weights'
+    gradients into ±inf and zeros' into NaN."""
+    w = torch.tensor([0.0, 1e-5, -1e-4, 5e-4, -2e-3, 0.1, -3.0], dtype=torch.float16)
+    exact = pen.grad(w.double())
+    torch.testing.assert_close(pen.grad(w).double(), exact, rtol=4e-3, atol=0)
+    g = torch.zeros_like(w)
+    pen.add_grad_([g], [w], 1.0)
+    torch.testing.assert_close(g.double(), exact, rtol=4e-3, atol=0)
 
 
 def test_subgradients_at_zero_are_documented_values():
