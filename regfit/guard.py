@@ -6,7 +6,7 @@ With the built-in penalties a non-finite result can only come from non-finite we
 it can also come from its ``value``/``grad``/``prox`` (e.g. ``log(w)`` at ``w ≤ 0``).
 
 Built-in penalties are finite for finite input (the penalty test harness checks this at
-0, ±1e-30 and ±1e6 in three dtypes), and so are subclasses that only rename them (no
+0, ±1e-30 and ±1e6, and in float32, bfloat16 and float16), and so are subclasses that only rename them (no
 method of their own: :func:`finite_for_finite_input`). They cannot *cause* NaN/inf, and
 checking them every step would cost a copy and a host sync per step for nothing. For them a non-finite value can
 only mean the weights already diverged; that is caught on logging steps, where the
