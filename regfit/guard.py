@@ -6,17 +6,18 @@ With the built-in penalties a non-finite result can only come from non-finite we
 it can also come from its ``value``/``grad``/``prox`` (e.g. ``log(w)`` at ``w ≤ 0``).
 
 Built-in penalties are finite for finite input (the penalty test harness checks this at
-0, ±1e-30 and ±1e6, and in float32, bfloat16 and float16), and so are subclasses that only rename them (no
-method of their own: :func:`finite_for_finite_input`). They cannot *cause* NaN/inf, and
-checking them every step would cost a copy and a host sync per step for nothing. For them a non-finite value can
-only mean the weights already diverged; that is caught on logging steps, where the
-weight norm is computed (and synchronized) anyway: :func:`check_weights`.
+0, ±1e-30 and ±1e6, and in float32, bfloat16 and float16), and so are subclasses that
+only rename them (no method of their own: :func:`finite_for_finite_input`). They cannot
+*cause* NaN/inf, and checking them every step would cost a copy and a host sync per step
+for nothing. For them a non-finite value can only mean the weights already diverged;
+that is caught on logging steps, where the weight norm is computed (and synchronized)
+anyway: :func:`check_weights`.
 
-Any other penalty (a user's ``value``/``grad``/``prox``, the matrix penalties) is
-guarded every step: the guard keeps a copy of the tensors the term writes, applies the
-term, checks with one fused reduction and one host sync, and if the *term* made a finite
-tensor non-finite restores it from the copy, so weights and gradients are exactly what
-they were before the term ran; then:
+Any other penalty (a user's ``value``/``grad``/``prox``, a subclass with methods of its
+own, the matrix penalties) is guarded every step: the guard keeps a copy of the tensors
+the term writes, applies the term, checks with one fused reduction and one host sync,
+and if the *term* made a finite tensor non-finite restores it from the copy, so weights
+and gradients are exactly what they were before the term ran; then:
 
 * ``raise`` — :class:`NonFinitePenaltyError` names the term and the parameters; training
   stops cleanly (Lightning runs its exception teardown, loggers are finalized, the last
@@ -43,7 +44,14 @@ from regfit.penalties import L1, L2, ElasticNet, GroupLasso, LHalf, Lp
 from regfit.sharding import all_ranks_agree, local
 from regfit.term import Term
 
-__all__ = ["NonFinitePenaltyError", "OnNonFinite", "apply_guarded", "all_finite", "check_weights", "finite_for_finite_input"]
+__all__ = [
+    "NonFinitePenaltyError",
+    "OnNonFinite",
+    "apply_guarded",
+    "all_finite",
+    "check_weights",
+    "finite_for_finite_input",
+]
 
 log = logging.getLogger(__name__)
 
