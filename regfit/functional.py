@@ -55,6 +55,9 @@ def soft_threshold_(w: Tensor, t: float) -> Tensor:
     return torch._C._nn.softshrink(w, t, out=w)
 
 
+_16_BIT = frozenset({torch.float16, torch.bfloat16})
+
+
 def half_threshold(w: Tensor, t: float) -> Tensor:
     """Closed-form proximal operator of ``t·Σ|w|^½`` (half-thresholding, Xu et al. 2012).
 
@@ -93,12 +96,13 @@ def half_threshold_(ws: list[Tensor], t: float) -> list[Tensor]:
         raise ValueError(f"half_threshold_(t={t!r}): t must be >= 0.")
     if t == 0 or not ws:
         return ws
+    dtypes = {w.dtype for w in ws}
     # s overflows float32 (the compute type of float32/16 tensors) only for t below ~1e-57;
     # capped there, entries below ~1e-38 are taken as lying at the threshold.
-    cap = math.inf if all(w.dtype == torch.float64 for w in ws) else torch.finfo(torch.float32).max
+    cap = math.inf if dtypes == {torch.float64} else torch.finfo(torch.float32).max
     f = torch._foreach_abs(ws)
     scale = min((4.0 / t) ** (2.0 / 3.0) / 3.0, cap)
-    if any(w.dtype in (torch.float16, torch.bfloat16) for w in ws):
+    if not dtypes.isdisjoint(_16_BIT):
         for x in f:  # a _foreach scalar is rounded to the tensor's dtype first (inf in float16)
             x.mul_(scale)  # Tensor.mul_ multiplies in float32
     else:
@@ -200,7 +204,7 @@ def lp_grad_scales(ws: list[Tensor], p: float, eps: float) -> tuple[list[Tensor]
     a = torch._foreach_abs(ws)
     torch._foreach_clamp_min_(a, eps)
     c = 1.0
-    largest = min(torch.finfo(w.dtype).max for w in ws) / 4
+    largest = min(torch.finfo(d).max for d in {w.dtype for w in ws}) / 4
     if eps ** (p - 2.0) > largest:
         m0 = eps * largest ** (1.0 / (2.0 - p))
         c = m0 ** (p - 2.0)
