@@ -40,6 +40,8 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
+from regfit.hyperparams import Hyperparams
+
 __all__ = ["Constraint", "MaxNorm", "UnitNorm", "NonNeg", "MinMaxNorm"]
 
 Dims = Union[int, Sequence[int], None]
@@ -48,7 +50,7 @@ Dims = Union[int, Sequence[int], None]
 _TINY = 1e-30
 
 
-class Constraint:
+class Constraint(Hyperparams):
     """Base class: ``project(w)`` returns the projection of ``w`` onto the set (pure);
     ``project_(ws)`` projects a list of tensors in place (what the callback calls)."""
 
@@ -62,13 +64,6 @@ class Constraint:
         """ws[i] ← project(ws[i]), in place (under ``torch.no_grad``)."""
         for w in ws:
             w.copy_(self.project(w))
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({args})"
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and vars(self) == vars(other)
 
 
 def _check_dim(cls: str, dim: Dims) -> tuple[int, ...] | None:

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal, Union
 import torch
 from torch import Tensor
 
+from regfit.hyperparams import Hyperparams
 from regfit.penalties import Penalty
 from regfit.sharding import local
 
@@ -74,7 +75,7 @@ class Bucket:
         return [local(self.params[i].grad) for i in self.stepping_indices()]
 
 
-class Mode:
+class Mode(Hyperparams):
     """Base class. ``phase`` says at which point of the step :meth:`apply` runs."""
 
     phase: ClassVar[Phase]
@@ -90,13 +91,6 @@ class Mode:
     def step_size(self, bucket: Bucket) -> float:
         """η in the update formula (1 for coupled: the optimizer supplies the step)."""
         return 1.0
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({args})"
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and vars(self) == vars(other)
 
 
 class Coupled(Mode):

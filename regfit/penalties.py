@@ -41,12 +41,13 @@ import torch
 from torch import Tensor
 
 from regfit import functional as F
+from regfit.hyperparams import Hyperparams
 
 __all__ = ["Penalty", "L2", "L1", "ElasticNet", "Lp", "LHalf", "GroupLasso", "Orthogonal", "Nuclear", "SpectralNorm",
            "resolve_penalty"]
 
 
-class Penalty:
+class Penalty(Hyperparams):
     """Base class: ``value(w)`` is required; ``grad`` defaults to autograd of ``value``.
 
     The batched in-place methods (``total``, ``add_grad_``, ``decay_``, ``prox_``) are
@@ -102,14 +103,7 @@ class Penalty:
         for w in ws:
             w.copy_(self.prox(w, t))
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({args})"
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and vars(self) == vars(other)
-
-    def __hash__(self) -> int:
+    def __hash__(self) -> int:  # penalties are immutable once made
         return hash((type(self), tuple(sorted(vars(self).items()))))
 
 

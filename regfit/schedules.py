@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import math
 
+from regfit.hyperparams import Hyperparams
+
 __all__ = ["Schedule", "Constant", "LinearWarmup", "Cosine", "Step", "FollowLR"]
 
 
@@ -53,18 +55,11 @@ def _check_fraction(cls: str, arg: str, value: float) -> float:
     return value
 
 
-class Schedule:
+class Schedule(Hyperparams):
     """Base class: ``__call__(step, lr_ratio=1.0)`` returns the multiplier m(step) ≥ 0."""
 
     def __call__(self, step: int, lr_ratio: float = 1.0) -> float:
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({args})"
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and vars(self) == vars(other)
 
 
 class Constant(Schedule):
