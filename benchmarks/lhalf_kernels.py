@@ -130,7 +130,8 @@ def alone(kernel, proto, x, y, args, sync) -> float:
     F.cross_entropy(model(x), y).backward()
     ws = [p.detach() for p in model.parameters()]
     gs = [p.grad for p in model.parameters()]
-    fn = lambda: with_kernel(kernel).add_grad_(gs, ws, 1e-4)  # noqa: E731
+    penalty = with_kernel(kernel)
+    fn = lambda: penalty.add_grad_(gs, ws, 1e-4)  # noqa: E731
     time_per_call(fn, args.steps, sync)
     return statistics.median(time_per_call(fn, args.steps * 5, sync) for _ in range(args.rounds))
 
