@@ -40,7 +40,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
-from regfit.hyperparams import Hyperparams
+from regfit.hyperparams import Hyperparams, check_number
 
 __all__ = ["Constraint", "MaxNorm", "UnitNorm", "NonNeg", "MinMaxNorm"]
 
@@ -88,10 +88,7 @@ def _norms(w: Tensor, dims: tuple[int, ...] | None) -> Tensor:
 
 
 def _check_bound(cls: str, arg: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{cls}({arg}={value!r}): {arg} must be a finite number ≥ 0.")
-    return value
+    return check_number(cls, arg, value, lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0")
 
 
 class MaxNorm(Constraint):
@@ -180,9 +177,7 @@ class MinMaxNorm(Constraint):
         self.max_value = _check_bound("MinMaxNorm", "max_value", max_value)
         if self.max_value < self.min_value:
             raise ValueError(f"MinMaxNorm(min_value={min_value!r}, max_value={max_value!r}): need min_value ≤ max_value.")
-        if not 0.0 < float(rate) <= 1.0:
-            raise ValueError(f"MinMaxNorm(rate={rate!r}): rate must be in (0, 1]; 1 is the exact projection.")
-        self.rate = float(rate)
+        self.rate = check_number("MinMaxNorm", "rate", rate, lambda v: 0.0 < v <= 1.0, "in (0, 1]; 1 is the exact projection")
         self.dim = _check_dim("MinMaxNorm", dim)
 
     def project(self, w):

@@ -7,8 +7,11 @@ run compares against its checkpoint and what logs and error messages show.
 
 from __future__ import annotations
 
+import numbers
+from typing import Callable
 
-__all__ = ["Hyperparams"]
+
+__all__ = ["Hyperparams", "check_number"]
 
 
 class Hyperparams:
@@ -20,3 +23,24 @@ class Hyperparams:
 
     def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and vars(self) == vars(other)
+
+
+def check_number(call: str, arg: str, value: object, ok: Callable[[float], bool], requirement: str) -> float:
+    """``value`` as a float when it is a real number (not a bool) for which ``ok`` holds;
+    otherwise ``ValueError("call(arg=value): arg must be <requirement>.")``.
+
+    One place for the constructors' argument checks, so that ``MaxNorm(max_value="2")`` or
+    ``LHalf(eps=None)`` name the argument instead of failing inside ``float()`` or ``<``.
+
+    >>> check_number("LHalf", "eps", 1e-3, lambda v: v > 0, "a number > 0")
+    0.001
+    >>> check_number("LHalf", "eps", "1e-3", lambda v: v > 0, "a number > 0")
+    Traceback (most recent call last):
+    ...
+    ValueError: LHalf(eps='1e-3'): eps must be a number > 0.
+    """
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+        if ok(number):  # NaN fails every comparison, so it lands below with the rest
+            return number
+    raise ValueError(f"{call}({arg}={value!r}): {arg} must be {requirement}.")

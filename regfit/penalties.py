@@ -35,13 +35,14 @@ penalty works in ``coupled`` and ``decoupled`` mode (``proximal`` needs :meth:`p
 from __future__ import annotations
 
 import functools
+import math
 from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
 
 from regfit import functional as F
-from regfit.hyperparams import Hyperparams
+from regfit.hyperparams import Hyperparams, check_number
 
 __all__ = ["Penalty", "L2", "L1", "ElasticNet", "Lp", "LHalf", "GroupLasso", "Orthogonal", "Nuclear", "SpectralNorm",
            "resolve_penalty"]
@@ -269,9 +270,7 @@ class ElasticNet(Penalty):
     shard_dims = "any"
 
     def __init__(self, l1_ratio: float = 0.5) -> None:
-        if not 0.0 <= l1_ratio <= 1.0:
-            raise ValueError(f"ElasticNet(l1_ratio={l1_ratio!r}): l1_ratio must be in [0, 1] (1 = L1, 0 = L2).")
-        self.l1_ratio = float(l1_ratio)
+        self.l1_ratio = check_number("ElasticNet", "l1_ratio", l1_ratio, lambda v: 0.0 <= v <= 1.0, "in [0, 1] (1 = L1, 0 = L2)")
 
     def value(self, w: Tensor) -> Tensor:
         a = self.l1_ratio
@@ -322,12 +321,11 @@ class Lp(Penalty):
     shard_dims = "any"
 
     def __init__(self, p: float = 0.5, eps: float = 1e-3) -> None:
-        if not 0.0 < p < 1.0:
-            raise ValueError(f"Lp(p={p!r}): p must be in (0, 1); use L1 for p=1 and L2 for p=2.")
-        if not eps > 0.0:
-            raise ValueError(f"Lp(eps={eps!r}): eps must be > 0 (it bounds the gradient by p·eps^(p-1)).")
-        self.p = float(p)
-        self.eps = float(eps)
+        call = type(self).__name__
+        self.p = check_number(call, "p", p, lambda v: 0.0 < v < 1.0, "in (0, 1); use L1 for p=1 and L2 for p=2")
+        self.eps = check_number(
+            call, "eps", eps, lambda v: 0.0 < v < math.inf, "a finite number > 0 (it bounds the gradient by p·eps^(p-1))"
+        )
 
     def value(self, w: Tensor) -> Tensor:
         return F.lp_value(w, self.p, self.eps)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 
-from regfit.hyperparams import Hyperparams
+from regfit.hyperparams import Hyperparams, check_number
 
 __all__ = ["Schedule", "Constant", "LinearWarmup", "Cosine", "Step", "FollowLR"]
 
@@ -49,10 +49,7 @@ def _check_steps(cls: str, arg: str, value: int, minimum: int = 1) -> int:
 
 
 def _check_fraction(cls: str, arg: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{cls}({arg}={value!r}): {arg} must be a finite multiplier ≥ 0, e.g. {arg}=0.0.")
-    return value
+    return check_number(cls, arg, value, lambda v: math.isfinite(v) and v >= 0, f"a finite multiplier ≥ 0, e.g. {arg}=0.0")
 
 
 class Schedule(Hyperparams):

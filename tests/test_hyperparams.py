@@ -1,0 +1,64 @@
+"""Every number a penalty, schedule or constraint takes is checked where it is given: a
+wrong type or value names the class, the argument and what it must be."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+
+import numpy as np
+import pytest
+
+import regfit.constraints
+import regfit.penalties
+import regfit.schedules
+from regfit.hyperparams import check_number
+
+REQUIRED = {"total_steps": 100, "warmup_steps": 10, "step_size": 10}  # the integer arguments some need
+
+
+def float_arguments():
+    """(class, argument) for each public constructor argument whose default is a float."""
+    for module in (regfit.penalties, regfit.schedules, regfit.constraints):
+        for name, cls in vars(module).items():
+            if not (inspect.isclass(cls) and cls.__module__ == module.__name__ and name in module.__all__):
+                continue
+            for arg, par in inspect.signature(cls).parameters.items():
+                if isinstance(par.default, float):
+                    yield cls, arg
+
+
+CASES = list(float_arguments())
+
+
+def make(cls, **kw):
+    params = inspect.signature(cls).parameters
+    return cls(**{k: v for k, v in REQUIRED.items() if k in params and params[k].default is inspect.Parameter.empty}, **kw)
+
+
+def test_the_sweep_reaches_every_kind_of_hyperparameter():
+    found = {f"{cls.__name__}.{arg}" for cls, arg in CASES}
+    assert {"Lp.p", "LHalf.eps", "ElasticNet.l1_ratio", "Cosine.final", "Step.gamma", "MaxNorm.max_value",
+            "MinMaxNorm.rate"} <= found, found
+
+
+@pytest.mark.parametrize("cls, arg", CASES, ids=[f"{c.__name__}.{a}" for c, a in CASES])
+@pytest.mark.parametrize("bad", ["0.5", None, True, float("nan"), [0.5]], ids=repr)
+def test_a_non_number_names_the_class_and_argument(cls, arg, bad):
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}\({arg}={re.escape(repr(bad))}\): {arg} must be "):
+        make(cls, **{arg: bad})
+
+
+@pytest.mark.parametrize("cls, arg", CASES, ids=[f"{c.__name__}.{a}" for c, a in CASES])
+def test_the_default_and_numpy_numbers_are_accepted(cls, arg):
+    default = inspect.signature(cls).parameters[arg].default
+    obj = make(cls, **{arg: np.float64(default)})
+    assert getattr(obj, arg) == pytest.approx(default) and type(getattr(obj, arg)) is float
+    assert obj == make(cls)
+
+
+def test_check_number_message():
+    with pytest.raises(ValueError, match=r"^LHalf\(eps=inf\): eps must be a finite number > 0"):
+        regfit.penalties.LHalf(eps=math.inf)
+    assert check_number("X", "a", 3, lambda v: v > 0, "> 0") == 3.0
