@@ -212,6 +212,8 @@ def resolve_mode(mode: ModeSpec) -> Mode:
         return mode
     if isinstance(mode, str) and mode in _BY_NAME:
         return _BY_NAME[mode]()
+    if isinstance(mode, type) and issubclass(mode, Mode):
+        raise ValueError(f"mode={mode.__name__} is a class; pass an instance, {mode.__name__}().")
     raise ValueError(
         f"Unknown mode {mode!r}. Use 'coupled', 'decoupled', 'proximal' or 'cautious' "
         "(or regfit.modes.Decoupled(step='independent') for a step-size variant)."

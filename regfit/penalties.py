@@ -560,6 +560,8 @@ def resolve_penalty(penalty: Penalty | str) -> Penalty:
         return penalty
     if isinstance(penalty, str) and penalty.lower() in _BY_NAME:
         return _BY_NAME[penalty.lower()]()
+    if isinstance(penalty, type) and issubclass(penalty, Penalty):
+        raise ValueError(f"penalty={penalty.__name__} is a class; pass an instance, {penalty.__name__}().")
     raise ValueError(
         f"Unknown penalty {penalty!r}. Use one of {sorted(_BY_NAME)} or a Penalty instance "
         "(in YAML: class_path: regfit.penalties.ElasticNet, init_args: {l1_ratio: 0.5})."

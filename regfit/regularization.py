@@ -110,6 +110,8 @@ class Regularization(BoundCallback):
             raise ValueError(f"on_nonfinite={on_nonfinite!r}: use 'raise', 'skip' or 'off'.")
         self.on_nonfinite = on_nonfinite
         penalty = resolve_penalty(penalty)
+        if name is not None and not (isinstance(name, str) and name):
+            raise ValueError(f"name={name!r}: give a non-empty string (the term's name in logs, train/penalty/<name>) or leave it out.")
         super().__init__(name or penalty.name)
         self.term = Term(
             penalty=penalty,
@@ -119,7 +121,7 @@ class Regularization(BoundCallback):
             mode=resolve_mode(mode),
             name=self.name,
             schedule=schedule,
-            overrides=[Override(**o) if isinstance(o, dict) else o for o in overrides],
+            overrides=overrides,
         )
         self._armed: set[int] = set()
         self._loaded_state: dict[str, Any] | None = None

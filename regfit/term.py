@@ -9,6 +9,7 @@ updates with one vectorized call each.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -26,10 +27,9 @@ __all__ = ["Term", "Assignment", "Override", "validate_strength", "bucket_by_gro
 
 
 def validate_strength(strength: float, where: str = "strength") -> float:
-    try:
-        value = float(strength)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}={strength!r} is not a number; give λ ≥ 0, e.g. {where}=1e-4.") from None
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
+        raise ValueError(f"{where}={strength!r} is not a number; give λ ≥ 0, e.g. {where}=1e-4.")
+    value = float(strength)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{where}={strength!r} must be a finite number ≥ 0, e.g. {where}=1e-4.")
     return value
@@ -134,7 +134,12 @@ class Term:
                 f"Term {self.name!r}: schedule={self.schedule!r} is not a regfit.schedules.Schedule; "
                 "use e.g. regfit.schedules.Cosine(total_steps=1000)."
             )
-        self.overrides = tuple(self.overrides)
+        if isinstance(self.overrides, (Override, dict, str)):
+            raise ValueError(
+                f"Term {self.name!r}: overrides={self.overrides!r} must be a list of overrides, e.g. "
+                "overrides=[{include: ['bias'], strength_mult: 0.1}]."
+            )
+        self.overrides = tuple(Override(**o) if isinstance(o, dict) else o for o in self.overrides)
         for o in self.overrides:
             if not isinstance(o, Override):
                 raise ValueError(

@@ -1,5 +1,6 @@
-"""Every number a penalty, schedule or constraint takes is checked where it is given: a
-wrong type or value names the class, the argument and what it must be."""
+"""Every number a penalty, schedule or constraint takes, and every argument of
+`Regularization`, is checked where it is given: a wrong type or value names the argument and
+what it must be."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import pytest
 import regfit.constraints
 import regfit.penalties
 import regfit.schedules
+from regfit import Regularization
 from regfit.hyperparams import check_number
+from regfit.modes import Proximal
+from regfit.term import Override
 
 REQUIRED = {"total_steps": 100, "warmup_steps": 10, "step_size": 10}  # the integer arguments some need
 
@@ -62,3 +66,25 @@ def test_check_number_message():
     with pytest.raises(ValueError, match=r"^LHalf\(eps=inf\): eps must be a finite number > 0"):
         regfit.penalties.LHalf(eps=math.inf)
     assert check_number("X", "a", 3, lambda v: v > 0, "> 0") == 3.0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"strength": True}, r"^strength=True is not a number"),
+    ({"strength": "1e-4"}, r"^strength='1e-4' is not a number"),
+    ({"penalty": regfit.penalties.L2}, r"^penalty=L2 is a class; pass an instance, L2\(\)"),
+    ({"mode": Proximal}, r"^mode=Proximal is a class; pass an instance, Proximal\(\)"),
+    ({"name": 3}, r"^name=3: give a non-empty string"),
+    ({"name": ""}, r"^name='': give a non-empty string"),
+    ({"overrides": Override(include=["bias"], strength_mult=0.1)}, r"overrides=Override\(.*must be a list of overrides"),
+    ({"overrides": {"include": ["bias"], "strength_mult": 0.1}}, r"must be a list of overrides"),
+    ({"overrides": [{"include": ["bias"], "strength_mult": False}]}, r"^strength_mult=False is not a number"),
+])
+def test_regularization_names_a_wrong_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Regularization(**kwargs)
+
+
+def test_regularization_takes_overrides_as_dicts_or_objects_alike():
+    as_dict = Regularization(overrides=[{"include": ["bias"], "strength_mult": 0.1}])
+    as_obj = Regularization(overrides=[Override(include=["bias"], strength_mult=0.1)])
+    assert repr(as_dict) == repr(as_obj) and as_dict.term.overrides == (Override(include=["bias"], strength_mult=0.1),)
