@@ -31,7 +31,7 @@ from torch import Tensor
 
 from regfit.hyperparams import Hyperparams
 from regfit.penalties import Penalty
-from regfit.sharding import local
+from regfit.sharding import is_sharded, local
 
 __all__ = ["Mode", "Coupled", "Decoupled", "CautiousDecoupled", "Proximal", "Bucket", "ModeSpec", "resolve_mode"]
 
@@ -55,6 +55,7 @@ class Bucket:
     names: list[str] = field(default_factory=list)
     #: scratch space a mode may keep between ``prepare`` and ``apply`` of one step
     state: dict[str, Any] = field(default_factory=dict, repr=False)
+    _sharded: bool | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def lr(self) -> float:
@@ -68,11 +69,34 @@ class Bucket:
     def stepping(self) -> list[Tensor]:
         """The stepping parameters as the tensors the kernels update in place: a sharded
         (DTensor) parameter as its local shard."""
-        return [local(self.params[i]) for i in self.stepping_indices()]
+        if not self._has_shards():  # the common case, without a call per tensor: this runs every step
+            return [p for p in self.params if p.grad is not None]
+        return [local(p) for p in self.params if p.grad is not None]
 
     def stepping_grads(self) -> list[Tensor]:
         """The gradients of :meth:`stepping`'s parameters, in the same order and form."""
-        return [local(self.params[i].grad) for i in self.stepping_indices()]
+        if not self._has_shards():
+            return [p.grad for p in self.params if p.grad is not None]
+        return [local(p.grad) for p in self.params if p.grad is not None]
+
+    def stepping_with_grads(self) -> tuple[list[Tensor], list[Tensor]]:
+        """:meth:`stepping` and :meth:`stepping_grads` together, in one pass."""
+        params, grads = [], []
+        for p in self.params:
+            g = p.grad
+            if g is not None:
+                params.append(p)
+                grads.append(g)
+        if self._has_shards():
+            return [local(p) for p in params], [local(g) for g in grads]
+        return params, grads
+
+    def _has_shards(self) -> bool:
+        # Looked at on the first step, when binding has filled ``params``; a re-bind makes
+        # new buckets (and FSDP's sharding makes new parameters, never changes these).
+        if self._sharded is None:
+            self._sharded = any(map(is_sharded, self.params))
+        return self._sharded
 
 
 class Mode(Hyperparams):
@@ -101,9 +125,9 @@ class Coupled(Mode):
     name = "coupled"
 
     def apply(self, penalty, bucket, strength):
-        params = bucket.stepping()
+        params, grads = bucket.stepping_with_grads()
         if params and strength:
-            penalty.add_grad_(bucket.stepping_grads(), params, alpha=strength * bucket.coeff)
+            penalty.add_grad_(grads, params, alpha=strength * bucket.coeff)
 
 
 class Decoupled(Mode):

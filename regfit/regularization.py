@@ -41,7 +41,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from regfit.binding import BoundCallback
 from regfit.guard import OnNonFinite, apply_guarded, check_weights
-from regfit.modes import Bucket, ModeSpec, resolve_mode
+from regfit.modes import Bucket, Mode, ModeSpec, resolve_mode
 from regfit.penalties import Penalty, resolve_penalty
 from regfit.scaling import ScaleRule
 from regfit.schedules import Schedule
@@ -177,7 +177,8 @@ class Regularization(BoundCallback):
 
     # ---- the step -----------------------------------------------------------------------
     def _run(self, phase: str, optimizer: torch.optim.Optimizer) -> None:
-        prepares = phase == "pre_update"  # a mode that acts after the update may need w_t
+        # A mode that acts after the update may need w_t (one that defines prepare).
+        prepares = phase == "pre_update" and type(self.term.mode).prepare is not Mode.prepare
         if not prepares and self.term.mode.phase != phase:
             return
         group_ids = {id(g) for g in optimizer.param_groups}
