@@ -44,6 +44,8 @@ class BoundCallback(Callback):
 
     def __init__(self, name: str) -> None:
         self._name = name
+        # Lightning reads state_key on every hook call (six per step): made once, not each time.
+        self._state_key = self._generate_state_key(name=name)
         self._hooks: list[Any] = []
 
     @property
@@ -52,7 +54,7 @@ class BoundCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
+        return self._state_key
 
     def select(self, pl_module: pl.LightningModule) -> None:
         """Set ``self.assignments`` from the module's parameters."""
