@@ -40,7 +40,7 @@ from regfit.module import RegModule
 from regfit.regularization import Regularization
 from regfit.weight_histograms import WeightHistograms, wandb_loggers
 
-__all__ = ["RegfitCLI", "run_cli", "main", "UsageError", "wandb_credentials_found", "configure_wandb"]
+__all__ = ["RegfitCLI", "run_cli", "main", "UsageError", "check_config_given", "wandb_credentials_found", "configure_wandb"]
 
 log = logging.getLogger("regfit")
 
@@ -225,17 +225,28 @@ _NOISE = [re.compile(p) for p in (
 _REWRITES = [
     (re.compile(r"Expected a typing\.Literal\[(.*)\]"), r"expected one of \1"),
     (re.compile(r"Expected a dot import path string: (\S+)"), r"or the import path of a class or function, not \1"),
-    (re.compile(r"Expected a <class '(\w+)'>"), r"expected a \1"),
+    (re.compile(r"Expected a <class '(?:\w+\.)*(\w+)'>"), r"expected a \1"),
 ]
+_NOT_A_LIST = re.compile(
+    r'Parser key "([^"]+)":\s*Expected a <class \'collections\.abc\.(?:Mutable)?Sequence\'>\. Got value: (.*)'
+)
 
 
-def _clean_argument_error(message: str) -> str:
+def _clean_argument_error(message: str, argv: Sequence[str] = ()) -> str:
     """jsonargparse's messages list every type a union tried; keep the lines that help."""
     if "does not correspond to a subclass of RegModule" in message:
         given = re.search(r"Given value: (\S+)", message) or re.search(r"Import path (\S+)", message)
         what = given.group(1) if given else "the model class"
         return (f"model {what} is not a regfit.RegModule subclass. A model must subclass regfit.RegModule "
                 "(implement forward and data_loss(batch)), e.g. class_path: regfit.models.MLP.")
+    not_a_list = _NOT_A_LIST.search(message)
+    if not_a_list:
+        key, value = not_a_list.group(1), not_a_list.group(2).strip()
+        # jsonargparse names a model's or data module's argument without its prefix.
+        given = [a.split("=", 1)[0] for a in argv if a.startswith("--") and a.split("=", 1)[0].endswith(key)]
+        option = given[0] if given else f"--{key}"
+        return (f"{key} takes a list, got {value}: write {option}=[{value}] "
+                f"(in quotes when the list holds spaces: '{option}=[a, b]').")
     lines = []
     for line in message.strip().splitlines():
         line = line.strip()
@@ -267,9 +278,9 @@ def format_error(exc: BaseException, argv: Sequence[str] = ()) -> str:
         where = ", ".join(_config_files(argv)) or "the config"
         text = text.replace("Problems parsing config:", f"{where} is not valid YAML:", 1).replace('"<unicode string>", ', "")
     if isinstance(exc, ArgumentError):
-        return _clean_argument_error(text) + "\nRun `regfit fit --help` for the options."
+        return _clean_argument_error(text, argv) + "\nRun `regfit fit --help` for the options."
     if "Does not validate against any of the Union subtypes" in text:
-        return _clean_argument_error(text)
+        return _clean_argument_error(text, argv)
     if isinstance(exc, RuntimeError) and "state_key" in text:
         return ("Two callbacks of one type share a state key: give each Regularization in trainer.callbacks a "
                 "distinct `name`.")
@@ -307,6 +318,19 @@ OVERVIEW = """regfit: weight regularization for PyTorch Lightning.
 """
 
 
+def check_config_given(command: str, argv: Sequence[str]) -> None:
+    """A YAML file given without ``--config`` (or no config at all, for ``groups``) is a
+    usage error that shows the right call, not jsonargparse's "unrecognized arguments"."""
+    given = _config_files(argv)
+    # A value after an option (`--model model.yaml`, `--config x.yaml`) is that option's.
+    bare = [a for i, a in enumerate(argv) if a.endswith((".yaml", ".yml")) and not a.startswith("-")
+            and not (i and argv[i - 1].startswith("-") and "=" not in argv[i - 1])]
+    if bare:
+        raise UsageError(f"{bare[0]} is given without --config: run `regfit {command} --config {bare[0]}`.")
+    if command == "groups" and not given:
+        raise UsageError("`regfit groups` needs a config: `regfit groups --config configs/mnist_l2.yaml [--plain]`.")
+
+
 def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         sys.stdout.write(OVERVIEW)
@@ -318,6 +342,8 @@ def _dispatch(argv: list[str]) -> int:
         return groups_main(argv[1:])
     if argv and argv[0] == "sweep":
         return _sweep(argv[1:])
+    if argv and argv[0] in ("fit", "validate", "test", "predict"):
+        check_config_given(argv[0], argv[1:])
     run_cli(argv)
     return 0
 

@@ -153,7 +153,7 @@ terms of a config (the same overrides as `regfit fit`), without training.
 
 def main(argv: Sequence[str]) -> int:
     """``regfit groups`` entry point; errors propagate to :func:`regfit.cli.main`."""
-    from regfit.cli import run_cli  # the CLI imports this module lazily too
+    from regfit.cli import check_config_given, run_cli  # the CLI imports this module lazily too
     from regfit.regularization import regularizations
 
     args = list(argv)
@@ -164,6 +164,7 @@ def main(argv: Sequence[str]) -> int:
     logging.getLogger("lightning").setLevel(logging.WARNING)
     plain = "--plain" in args
     args = [a for a in args if a != "--plain"]
+    check_config_given("groups", args)
     cli = run_cli(args, run=False)
     rows, totals = parameter_table(cli.model, regularizations(cli.trainer))
     render(rows, totals, sys.stdout, plain=plain)

@@ -152,6 +152,8 @@ BAD_OVERRIDES = {
     "model-not-a-regmodule": (["--model=torch.nn.Linear"], ["torch.nn.Linear is not a regfit.RegModule subclass"]),
     "datamodule-as-model": (["--model.class_path=regfit.data.MNISTDataModule"], ["is not a regfit.RegModule subclass"]),
     "bad-model-argument": (["--model.init_args.widths=[0]"], ["widths=[0]", "positive integers"]),
+    "list-without-brackets": (["--regularization.exclude=bias"], ["takes a list", "write --regularization.exclude=[bias]"]),
+    "model-list-without-brackets": (["--model.init_args.widths=512"], ["write --model.init_args.widths=[512]"]),
     "unknown-option": (["--trainer.epochs=3"], ["--trainer.epochs=3"]),
     "duplicate-term-names": (
         ['--trainer.callbacks=[{class_path: regfit.Regularization, init_args: {penalty: l2}}]'],
@@ -174,6 +176,15 @@ def test_bad_input_exits_2_with_a_clear_message(case, capsys):
     overrides, needles = BAD_OVERRIDES[case]
     code = main(["groups", "--config", L2_CONFIG, *overrides])
     assert_user_error(capsys, code, *needles)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["groups"], "`regfit groups --config configs/mnist_l2.yaml"),
+    (["groups", L2_CONFIG], f"run `regfit groups --config {L2_CONFIG}`"),
+    (["fit", L2_CONFIG], f"run `regfit fit --config {L2_CONFIG}`"),
+])
+def test_a_config_without_config_flag_shows_the_right_call(argv, needle, capsys):
+    assert_user_error(capsys, main(argv), needle)
 
 
 def test_missing_config_file(capsys):
