@@ -79,7 +79,8 @@ class Constrain(BoundCallback):
 
     # ---- resolution (selection and binding: BoundCallback) ---------------------------------
     def select(self, pl_module: pl.LightningModule) -> None:
-        self.assignments = [Assignment(i.name, i.param, 1.0) for i in self.selector.select(pl_module)]
+        selected = self.selector.select_some(pl_module, f"Constraint {self.name!r}")
+        self.assignments = [Assignment(i.name, i.param, 1.0) for i in selected]
         sharded = [a.name for a in self.assignments if is_sharded(a.param)]
         if sharded:
             raise NotImplementedError(

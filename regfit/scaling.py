@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, Literal, Union
 
@@ -62,8 +63,17 @@ _RULES: dict[str, ScaleFn] = {"none": no_scale, "numel": numel_scale, "fan": fan
 def scale_fn(rule: ScaleRule) -> ScaleFn:
     """The function for a rule name or callable; an unknown name is a clear error."""
     if callable(rule):
+        try:
+            inspect.signature(rule).bind("name", None)
+        except TypeError:
+            raise ValueError(
+                f"scale={getattr(rule, '__name__', rule)!r} must take two arguments, f(name, param) -> float "
+                "(name: the parameter's name; param: the tensor), e.g. lambda name, p: 1 / p.numel()."
+            ) from None
+        except ValueError:  # no signature to look at (some builtins): called as it is
+            pass
         return rule
-    if rule in _RULES:
+    if isinstance(rule, str) and rule in _RULES:
         return _RULES[rule]
     raise ValueError(f"Unknown scale {rule!r}. Use one of {sorted(_RULES)} or a callable f(name, param) -> float.")
 

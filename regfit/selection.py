@@ -183,6 +183,20 @@ class Selector:
         ]
 
 
+    def select_some(self, model: nn.Module, owner: str) -> list[ParamInfo]:
+        """:meth:`select` for a term or constraint (``owner``, e.g. ``"Term 'l2'"``), which
+        would do nothing at all with no parameter: that is an error naming its rules.
+        (An override may select nothing: it only adjusts the term's λ where it matches.)"""
+        selected = self.select(model)
+        if not selected:
+            raise SelectionError(
+                f"{owner}: include={list(self.include)}, exclude={list(self.exclude)} select no trainable "
+                f"parameter of {type(model).__name__}, so it would do nothing. Widen include or narrow exclude; "
+                "`regfit groups --config …` lists every parameter."
+            )
+        return selected
+
+
 def _no_match(field: str, spec: str, infos: Iterable[ParamInfo], model: nn.Module) -> None:
     names = [i.name for i in infos]
     if spec in KEYWORDS:

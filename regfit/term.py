@@ -150,7 +150,7 @@ class Term:
     # ---- resolution ---------------------------------------------------------------------
     def assign(self, model: nn.Module) -> list[Assignment]:
         """Select parameters and compute their coefficients (no optimizer needed)."""
-        selected: list[ParamInfo] = self.selector.select(model)
+        selected: list[ParamInfo] = self.selector.select_some(model, f"Term {self.name!r}")
         bind = getattr(self._scale, "bind", None)
         if callable(bind):  # a scale that needs the whole model (e.g. DepthDecay)
             bind(model)
@@ -163,9 +163,14 @@ class Term:
         for info in selected:
             if callable(check):
                 check(info.name, info.param)
-            coeff = float(self._scale(info.name, info.param))
-            if not math.isfinite(coeff) or coeff < 0:
-                raise ValueError(f"Term {self.name!r}: scale gave c={coeff!r} for {info.name}; it must be finite and ≥ 0.")
+            coeff = self._scale(info.name, info.param)
+            if isinstance(coeff, Tensor) and coeff.numel() == 1:
+                coeff = coeff.item()
+            if isinstance(coeff, bool) or not isinstance(coeff, numbers.Real) or not 0 <= coeff < math.inf:
+                raise ValueError(
+                    f"Term {self.name!r}: scale gave c={coeff!r} for {info.name}; it must return a finite number ≥ 0."
+                )
+            coeff = float(coeff)
             if info.name in mults:
                 coeff *= mults[info.name]
             assignments.append(Assignment(info.name, info.param, coeff))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -106,6 +107,43 @@ def test_scale_values_on_known_shapes():
     assert scale_fn(lambda n, p: 3.0)("x", torch.empty(1)) == 3.0
     with pytest.raises(ValueError, match="Unknown scale 'fann'"):
         scale_fn("fann")
+
+
+@pytest.mark.parametrize("scale, match", [
+    (math.sqrt, r"scale='sqrt' must take two arguments, f\(name, param\)"),
+    (lambda p: 1.0, r"must take two arguments"),
+    (["fan"], r"Unknown scale \['fan'\]"),
+    (lambda n, p: None, r"scale gave c=None for embed.weight; it must return a finite number ≥ 0"),
+    (lambda n, p: "0.5", r"scale gave c='0.5'"),
+    (lambda n, p: True, r"scale gave c=True"),
+    (lambda n, p: float("nan"), r"scale gave c=nan"),
+    (lambda n, p: torch.ones(2), r"scale gave c=tensor"),
+])
+def test_a_wrong_scale_names_itself_and_the_parameter(scale, match):
+    with pytest.raises(ValueError, match=match):
+        Term(L2(), 0.1, Selector(), scale, Coupled(), "l2").assign(Model())
+
+
+def test_a_scale_may_return_a_numpy_number_or_a_one_element_tensor():
+    import numpy as np
+
+    for scale in (lambda n, p: np.float64(0.5), lambda n, p: torch.tensor(0.5)):
+        coeffs = {a.coeff for a in Term(L2(), 0.1, Selector(), scale, Coupled(), "l2").assign(Model())}
+        assert coeffs == {0.5} and all(type(a.coeff) is float for a in Term(L2(), 0.1, Selector(), scale, Coupled(), "l2").assign(Model()))
+
+
+def test_a_term_or_constraint_that_selects_nothing_is_an_error(caplog):
+    # Each keyword may legitimately match nothing (one config, several models) — but together
+    # they leave the term without a parameter, so λ would silently do nothing.
+    term = Term(L2(), 0.1, Selector(include=["norm"], exclude=["bias"]), "none", Coupled(), "l2")
+    bare = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    with pytest.raises(SelectionError, match=r"Term 'l2': include=\['norm'\], exclude=\['bias'\] select no trainable"):
+        term.assign(bare)
+    from regfit.constrain import Constrain
+    from regfit.constraints import MaxNorm
+
+    with pytest.raises(SelectionError, match=r"Constraint 'maxnorm'.*select no trainable parameter"):
+        Constrain(MaxNorm(), include=["norm"]).select(bare)
 
 
 def test_term_validation():
