@@ -113,7 +113,7 @@ def test_scale_values_on_known_shapes():
     (math.sqrt, r"scale='sqrt' must take two arguments, f\(name, param\)"),
     (lambda p: 1.0, r"must take two arguments"),
     (["fan"], r"Unknown scale \['fan'\]"),
-    (lambda n, p: None, r"scale gave c=None for embed.weight; it must return a finite number ≥ 0"),
+    (lambda n, p: None, r"scale gave c=None for temperature; it must return a finite number ≥ 0"),
     (lambda n, p: "0.5", r"scale gave c='0.5'"),
     (lambda n, p: True, r"scale gave c=True"),
     (lambda n, p: float("nan"), r"scale gave c=nan"),
