@@ -40,7 +40,7 @@ from regfit.module import RegModule
 from regfit.regularization import Regularization
 from regfit.weight_histograms import WeightHistograms, wandb_loggers
 
-__all__ = ["RegfitCLI", "run_cli", "main", "UsageError", "check_config_given", "wandb_credentials_found", "configure_wandb"]
+__all__ = ["RegfitCLI", "run_cli", "main", "UsageError", "check_config_given", "format_error", "is_user_error", "wandb_credentials_found", "configure_wandb"]
 
 log = logging.getLogger("regfit")
 
@@ -289,7 +289,8 @@ def format_error(exc: BaseException, argv: Sequence[str] = ()) -> str:
     return text
 
 
-def _is_user_error(exc: BaseException) -> bool:
+def is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a mistake in the user's input (reported as one paragraph, exit 2)."""
     if isinstance(exc, _user_error_types()):
         return True
     return isinstance(exc, RuntimeError) and "state_key" in str(exc)
@@ -360,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - user errors become one paragraph, bugs keep their traceback
-        if debug or not _is_user_error(exc):
+        if debug or not is_user_error(exc):
             raise
         sys.stderr.write(f"regfit: error: {format_error(exc, argv)}\n(Run with --debug for the traceback.)\n")
         return EXIT_USAGE

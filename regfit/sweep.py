@@ -66,7 +66,10 @@ FitFn = Callable[[Sequence[str], Sequence[Callback]], pl.Trainer]
 
 
 class SweepError(RuntimeError):
-    """A sweep that cannot go on (a trial without the metric, a bad override)."""
+    """A sweep that cannot go on (a trial without the metric, a bad override). ``study`` is
+    the study so far when trials ran before it stopped, so their results are still written."""
+
+    study: optuna.Study | None = None
 
 
 # ------------------------------------------------------------------ one trial
@@ -164,7 +167,15 @@ class Objective:
         reporter = TrialReporter(trial, self.metric.name)
         start = time.perf_counter()
         with _environ(_trial_environ(self.study_name, trial.number)):
-            trainer = self.fit(argv, [reporter])
+            try:
+                trainer = self.fit(argv, [reporter])
+            except Exception as exc:
+                from regfit.cli import format_error, is_user_error
+
+                if not is_user_error(exc):
+                    raise
+                shown = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+                raise SweepError(f"trial {trial.number} ({shown}): {format_error(exc, argv)}") from exc
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
         if trainer.log_dir:
             trial.set_user_attr("log_dir", str(trainer.log_dir))
@@ -232,16 +243,23 @@ def run_sweep(
     _check_extra(spec, extra)
     trial_argv(spec, {p.name: None for p in spec.parameters})  # the command is runnable, before any study
     name = study_name or spec.name or Path(spec.source).stem
+    if storage is not None and "://" not in storage:
+        raise SweepError(f"--storage {storage!r} is not a database URL; for a file write --storage sqlite:///{storage}")
     if storage and storage.startswith("sqlite:///"):  # SQLite creates the file, not its folder
         Path(storage[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(
-        study_name=name,
-        storage=storage,
-        sampler=make_sampler(spec, seed),
-        pruner=make_pruner(spec),
-        direction=spec.metric.direction,
-        load_if_exists=True,
-    )
+    try:
+        study = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            sampler=make_sampler(spec, seed),
+            pruner=make_pruner(spec),
+            direction=spec.metric.direction,
+            load_if_exists=True,
+        )
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy's URL and driver errors have no common base we import
+        if storage is None:
+            raise
+        raise SweepError(f"--storage {storage!r}: {exc} (e.g. --storage sqlite:///sweep.db)") from exc
     if spec.method == "grid":
         remaining = _remaining_grid(spec, study)
         count = remaining if count is None else min(count, remaining)
@@ -249,7 +267,11 @@ def run_sweep(
         raise SweepError(f"method {spec.method} never ends by itself: give the number of trials with --count N")
     if count > 0:
         objective = Objective(spec, spec.metric, name, tuple(extra), fit)
-        study.optimize(objective, n_trials=count)
+        try:
+            study.optimize(objective, n_trials=count)
+        except SweepError as exc:
+            exc.study = study  # the trials that finished are still results
+            raise
     return study
 
 
@@ -427,22 +449,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = load_sweep(args.file)
         study = run_sweep(spec, args.count, args.storage, args.study_name, extra, args.seed)
     except (SweepSpecError, SweepError) as exc:
+        stopped = getattr(exc, "study", None)
+        if stopped is not None and any(t.state.name in ("COMPLETE", "PRUNED") for t in stopped.trials):
+            _write_results(stopped, spec, args.out)
         sys.stderr.write(f"regfit sweep: error: {exc}\n")
         return 2
-    rows = results(study, spec)
-    print_table(rows, study, spec)
-    out = Path(args.out or Path("logs", "sweeps", study.study_name))
-    csv_path = write_csv(rows, out / "trials.csv")
-    png_path = write_plot(rows, spec, out / "trials.png")
-    log.info("results: %s, %s", csv_path, png_path)
+    _write_results(study, spec, args.out)
     return 0
 
 
+def _write_results(study: optuna.Study, spec: SweepSpec, out: str | None) -> None:
+    rows = results(study, spec)
+    print_table(rows, study, spec)
+    folder = Path(out or Path("logs", "sweeps", study.study_name))
+    csv_path = write_csv(rows, folder / "trials.csv")
+    png_path = write_plot(rows, spec, folder / "trials.png")
+    log.info("results: %s, %s", csv_path, png_path)
+
+
 def _quiet_optuna() -> None:
-    """Optuna logs each trial; the sweep logs its own shorter line."""
+    """Optuna logs each trial, and a failed one with its traceback; the sweep logs its own
+    shorter line per trial and reports a failed trial's error itself."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 if __name__ == "__main__":

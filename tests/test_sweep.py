@@ -202,3 +202,31 @@ def test_a_metric_that_is_never_logged_is_named(mnist_dir, tmp_path, in_repo, ca
     assert rc == 2
     err = capsys.readouterr().err
     assert "'val/accuracy' was never logged" in err and "val/acc" in err
+
+
+def test_a_bad_trial_keeps_the_results_of_those_before_it(mnist_dir, tmp_path, in_repo, capsys):
+    """A grid point the CLI refuses ends the sweep with that trial's error in one paragraph;
+    the trials that finished are still printed and written."""
+    text = (
+        "method: grid\nmetric: {name: val/acc, goal: maximize}\n"
+        "parameters: {regularization.strength: {values: [1.0e-4, -1.0]}}\n"
+        "command: ['${env}', regfit, fit, --config, configs/mnist_l2.yaml, '${args}']\n"
+    )
+    out = tmp_path / "results"
+    # --seed 1: the grid sampler takes 1e-4 first, then -1 (its order is a seeded shuffle)
+    rc = regfit_main(["sweep", write(tmp_path, text), "--seed", "1", "--out", str(out), "--",
+                      "--trainer.max_epochs=1", *fast(mnist_dir, tmp_path)])
+    assert rc == 2
+    captured = capsys.readouterr()
+    assert "trial 1 (regularization.strength=-1" in captured.err and "≥ 0" in captured.err
+    assert "Traceback" not in captured.err
+    with (out / "trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["trial"], r["state"]) for r in rows] == [("0", "COMPLETE"), ("1", "FAIL")]
+    assert float(rows[0]["val/acc"]) > 0 and "val/acc" in captured.out
+
+
+def test_storage_that_is_not_a_url_names_the_fix(tmp_path, capsys, in_repo):
+    assert regfit_main(["sweep", str(L2_SWEEP), "--count", "1", "--storage", str(tmp_path / "sweep.db")]) == 2
+    err = capsys.readouterr().err
+    assert f"for a file write --storage sqlite:///{tmp_path / 'sweep.db'}" in err and "Traceback" not in err
