@@ -58,9 +58,22 @@ class RegModule(pl.LightningModule):
         owning parameters, in registration order). Override to name your head."""
         return last_parametrized_module(self)
 
+    def _data_loss(self, batch: Any) -> Tensor:
+        """:meth:`data_loss`, refused unless it is one number as a tensor (what the logs,
+        the epoch mean and backward need)."""
+        loss = self.data_loss(batch)
+        if not isinstance(loss, Tensor) or loss.ndim != 0:
+            got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else f"{type(loss).__name__} {loss!r}"
+            raise ValueError(
+                f"{type(self).__name__}.data_loss(batch) must return a 0-d tensor (the batch's mean loss, with its "
+                f"graph), got {got}. Return e.g. F.cross_entropy(logits, y) — not loss.item(), and with "
+                "reduction='mean' rather than a loss per sample."
+            )
+        return loss
+
     # ---- steps --------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss = self.data_loss(batch)
+        loss = self._data_loss(batch)
         # The step value is this process's micro-batch loss (rank 0's under DDP), not
         # synchronized per step; the epoch mean is averaged over processes.
         self.log("train/data_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
@@ -69,12 +82,12 @@ class RegModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss = self.data_loss(batch)
+        loss = self._data_loss(batch)
         self.log("val/data_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss = self.data_loss(batch)
+        loss = self._data_loss(batch)
         self.log("test/data_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 

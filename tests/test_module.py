@@ -155,6 +155,20 @@ def test_data_loss_must_be_implemented():
         Bare().data_loss(None)
 
 
+@pytest.mark.parametrize("wrong, got", [
+    (lambda loss: loss.item(), "got float "),
+    (lambda loss: loss.repeat(4), r"got a tensor of shape \(4,\)"),
+    (lambda loss: None, "got NoneType None"),
+])
+def test_data_loss_that_is_not_one_number_is_named(wrong, got):
+    class Wrong(TinyNet):
+        def data_loss(self, batch):
+            return wrong(super().data_loss(batch))
+
+    with pytest.raises(ValueError, match=rf"Wrong.data_loss\(batch\) must return a 0-d tensor .*{got}.*not loss.item\(\)"):
+        fit(Wrong(), batches(2))
+
+
 def test_lhalf_in_a_trainer_with_a_user_penalty_term():
     from regfit.penalties import Penalty
 
