@@ -58,9 +58,31 @@ class Classifier(RegModule):
         self.num_classes = num_classes
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._batch_checked = False
+
+    def check_inputs(self, x: Tensor) -> None:
+        """Raise a ``ValueError`` naming the argument to change if ``x`` cannot be this
+        model's input (default: no check)."""
+
+    def _check_batch(self, x: Tensor, y: Tensor) -> None:
+        """The first batch against the sizes the model was built for, so that a mismatch
+        names the model's argument instead of failing inside a matmul or cross_entropy.
+        Once per run: the labels' range costs one host synchronization."""
+        if self._batch_checked:
+            return
+        self._batch_checked = True
+        self.check_inputs(x)
+        if y.numel() and not y.is_floating_point():  # float targets are class probabilities
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(
+                    f"{type(self).__name__}(num_classes={self.num_classes}) got class labels {low}…{high}: "
+                    f"give num_classes={high + 1} or more (--model.init_args.num_classes={high + 1})."
+                )
 
     def data_loss(self, batch: Any) -> Tensor:
         x, y = batch
+        self._check_batch(x, y)
         return F.cross_entropy(self(x), y)
 
     def last_layer(self) -> nn.Module:
@@ -68,6 +90,7 @@ class Classifier(RegModule):
 
     def _eval_step(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> Tensor:
         x, y = batch
+        self._check_batch(x, y)
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         metric(logits, y)
@@ -131,9 +154,19 @@ class MLP(Classifier):
             n_in = width
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(n_in, num_classes)
+        self.in_features = in_features
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x.flatten(1)))
+
+    def check_inputs(self, x: Tensor) -> None:
+        n = x[0].numel() if x.ndim >= 2 else None
+        if n != self.in_features:
+            raise ValueError(
+                f"MLP(in_features={self.in_features}) got a batch of shape {tuple(x.shape)}"
+                + (f", {n} values per sample: give in_features={n} (--model.init_args.in_features={n})." if n else
+                   ": expected (batch, features…).")
+            )
 
 
 class CNN(Classifier):
@@ -181,4 +214,13 @@ class CNN(Classifier):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.fc(self.features(x).flatten(1)))
+
+    def check_inputs(self, x: Tensor) -> None:
+        c, s = self.hparams.in_channels, self.hparams.image_size
+        if x.ndim != 4 or tuple(x.shape[1:]) != (c, s, s):
+            raise ValueError(
+                f"CNN(in_channels={c}, image_size={s}) takes batches of shape (N, {c}, {s}, {s}), got "
+                f"{tuple(x.shape)}: give in_channels and image_size of the data (--model.init_args.in_channels, "
+                "--model.init_args.image_size; square images)."
+            )
 

@@ -203,6 +203,13 @@ def test_glob_matching_nothing_stops_fit_before_training(mnist_dir, tmp_path, ca
     assert not list(tmp_path.glob("lightning_logs/version_*/metrics.csv"))
 
 
+def test_a_model_built_for_other_data_names_the_option_to_change(mnist_dir, tmp_path, capsys):
+    code = main(short_fit_args(L2_CONFIG, mnist_dir, tmp_path, "--model.init_args.in_features=100"))
+    assert_user_error(capsys, code, "MLP(in_features=100)", "--model.init_args.in_features=784")
+    code = main(short_fit_args(L2_CONFIG, mnist_dir, tmp_path, "--model.init_args.num_classes=5"))
+    assert_user_error(capsys, code, "MLP(num_classes=5)", "--model.init_args.num_classes=")
+
+
 def test_missing_data_offline_names_the_data_dir_option(tmp_path, capsys):
     code = main(["fit", "--config", L2_CONFIG, "--data.data_dir", str(tmp_path / "empty"),
                  "--data.download=false", "--trainer.logger=false", *QUIET])
