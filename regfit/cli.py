@@ -255,6 +255,8 @@ def _clean_argument_error(message: str, argv: Sequence[str] = ()) -> str:
         for pattern, repl in _REWRITES:
             line = pattern.sub(repl, line)
         lines.append(line)
+    if len(lines) == 1:  # one reason left: not a list item any more
+        lines[0] = re.sub(r"^- ", "", lines[0])
     if len(lines) > 10:
         lines = lines[:10] + [f"... ({len(lines) - 10} more lines; run with --debug for all)"]
     return "\n  ".join(lines)

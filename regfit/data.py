@@ -391,18 +391,31 @@ class DatasetFiles:
 
     def _download_all(self) -> dict[str, Path]:
         folder = self.download_dir
-        folder.mkdir(parents=True, exist_ok=True)
-        expected = self._expected_md5s(folder)
-        for stem in FILE_STEMS:
-            name = f"{stem}.gz"
-            path = _find(folder, stem)
-            if path is not None and self._md5_problem(path, expected) is None:
-                continue
-            if path is not None:
-                log.warning("%s fails its MD5 check; downloading it again", path)
-            reasons = _download(name, folder / name, self.mirrors, expected.get(name), self.timeout)
-            if reasons is not None:
-                raise self._not_found(f"downloading {name} failed: " + "; ".join(reasons))
+        created = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataError(
+                f"cannot create {folder} to download into ({exc.strerror or exc}): give a --data.data_dir you can "
+                "write to, or one that already holds the dataset files"
+            ) from None
+        try:
+            expected = self._expected_md5s(folder)
+            for stem in FILE_STEMS:
+                name = f"{stem}.gz"
+                path = _find(folder, stem)
+                if path is not None and self._md5_problem(path, expected) is None:
+                    continue
+                if path is not None:
+                    log.warning("%s fails its MD5 check; downloading it again", path)
+                reasons = _download(name, folder / name, self.mirrors, expected.get(name), self.timeout)
+                if reasons is not None:
+                    raise self._not_found(f"downloading {name} failed: " + "; ".join(reasons))
+        except DataError:
+            for p in created:  # a mistyped data_dir leaves no empty folders behind
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+            raise
         return {stem: _find(folder, stem) or folder / f"{stem}.gz" for stem in FILE_STEMS}
 
     def _not_found(self, reason: str) -> DataError:
@@ -635,15 +648,20 @@ class MNISTDataModule(L.LightningDataModule):
         drop_last: bool = False,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        for arg, value in (("batch_size", batch_size), ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (arg == "batch_size"):
+                raise ValueError(f"{arg} must be an integer ≥ {int(arg == 'batch_size')}, got {value!r}")
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        if isinstance(mirrors, (str, bytes)):
+            raise ValueError(f"mirrors={mirrors!r} must be a list of URLs, e.g. mirrors=[{mirrors!r}]")
+        root = Path(data_dir or os.environ.get(ENV_DATA_DIR) or DEFAULT_DATA_DIR).expanduser().absolute()
+        if root.exists() and not root.is_dir():
+            raise DataError(f"data_dir {root} is a file; give the folder that holds (or will hold) the dataset, "
+                            f"e.g. --data.data_dir={root.parent}")
         self.save_hyperparameters()
         self.files = DatasetFiles(
-            data_dir=Path(data_dir or os.environ.get(ENV_DATA_DIR) or DEFAULT_DATA_DIR)
-            .expanduser()
-            .absolute(),
+            data_dir=root,
             name=self.folder,
             md5s=self.md5s,
             mirrors=tuple(self.mirrors if mirrors is None else mirrors),

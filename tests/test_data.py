@@ -322,6 +322,38 @@ def test_offline_without_files_names_the_fix(dead_mirror, tmp_path) -> None:
     assert raw_listing(data_dir) == []
 
 
+def test_a_mistyped_data_dir_leaves_no_empty_folders(dead_mirror, tmp_path) -> None:
+    data_dir = tmp_path / "typo" / "deeper"
+    with pytest.raises(DataError, match="MNIST data not found"):
+        MNISTDataModule(data_dir=str(data_dir), mirrors=[dead_mirror]).prepare_data()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_data_dir_that_cannot_hold_the_data_is_named(tmp_path) -> None:
+    a_file = tmp_path / "train-images-idx3-ubyte.gz"
+    a_file.write_bytes(b"")
+    with pytest.raises(DataError, match=rf"data_dir {a_file} is a file; give the folder .* --data.data_dir={tmp_path}"):
+        MNISTDataModule(data_dir=str(a_file))
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root writes anywhere: use a path under a file instead
+        locked = a_file / "sub"
+    with pytest.raises(DataError, match=r"cannot create .* to download into .*--data.data_dir you can write to"):
+        MNISTDataModule(data_dir=str(locked / "data")).prepare_data()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"batch_size": 64.0}, r"batch_size must be an integer ≥ 1, got 64.0"),
+    ({"batch_size": 0}, r"batch_size must be an integer ≥ 1, got 0"),
+    ({"seed": 1.5}, r"seed must be an integer ≥ 0, got 1.5"),
+    ({"val_fraction": "0.1"}, r"val_fraction must be in \[0, 1\), got '0.1'"),
+    ({"mirrors": "https://example.org/mnist/"}, r"mirrors='https://example.org/mnist/' must be a list of URLs"),
+])
+def test_bad_data_module_arguments_are_named(tmp_path, kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        MNISTDataModule(data_dir=str(tmp_path), **kwargs)
+
+
 def test_missing_files_without_download(tmp_path) -> None:
     with pytest.raises(DataError, match=r"download=False.*--data\.data_dir"):
         MNISTDataModule(data_dir=str(tmp_path), download=False).prepare_data()
