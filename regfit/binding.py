@@ -27,9 +27,26 @@ from lightning.pytorch.callbacks import Callback
 from regfit.modes import Bucket
 from regfit.term import Assignment, bucket_by_group
 
-__all__ = ["BoundCallback"]
+__all__ = ["BoundCallback", "check_distinct_names"]
 
 log = logging.getLogger(__name__)
+
+
+def check_distinct_names(callbacks: list[Any]) -> None:
+    """Terms and constraints are told apart by name in the logs (``weights/norm/<name>``,
+    ``train/penalty/<name>``) and checkpoints: two with one name are an error."""
+    seen: dict[str, BoundCallback] = {}
+    for cb in callbacks:
+        if not isinstance(cb, BoundCallback):
+            continue
+        if cb.name in seen:
+            kinds = {seen[cb.name].kind, cb.kind}
+            who = f"Two {cb.kind.lower()}s are" if len(kinds) == 1 else "A term and a constraint are both"
+            raise ValueError(
+                f"{who} named {cb.name!r}. Give each a distinct `name` (e.g. `name: {cb.name}_2` in its init_args): "
+                "the name keys its logs (weights/norm/<name>, train/penalty/<name>) and its checkpoint state."
+            )
+        seen[cb.name] = cb
 
 
 class BoundCallback(Callback):
@@ -43,6 +60,8 @@ class BoundCallback(Callback):
     buckets: list[Bucket]
 
     def __init__(self, name: str) -> None:
+        if not (isinstance(name, str) and name):
+            raise ValueError(f"name={name!r}: give a non-empty string (the {self.kind.lower()}'s name in logs) or leave it out.")
         self._name = name
         # Lightning reads state_key on every hook call (six per step): made once, not each time.
         self._state_key = self._generate_state_key(name=name)
@@ -67,6 +86,7 @@ class BoundCallback(Callback):
                         self.kind, self.name, len(orphans), ", ".join(orphans[:5]))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_distinct_names(trainer.callbacks)
         self.select(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -37,6 +37,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from regfit.module import RegModule
+from regfit.binding import check_distinct_names
 from regfit.regularization import Regularization
 from regfit.weight_histograms import WeightHistograms, wandb_loggers
 
@@ -172,20 +173,8 @@ class RegfitCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         callbacks = [*callbacks, *self._extra_callbacks]
-        _check_term_names([cb for cb in [*(config.get("callbacks") or []), *callbacks] if isinstance(cb, Regularization)])
+        check_distinct_names([*(config.get("callbacks") or []), *callbacks])  # before the Trainer exists
         return super()._instantiate_trainer(config, callbacks)
-
-
-def _check_term_names(terms: list[Regularization]) -> None:
-    seen: set[str] = set()
-    for term in terms:
-        if term.name in seen:
-            raise UsageError(
-                f"Two Regularization terms are named {term.name!r}. Give each term a distinct `name` "
-                f"(e.g. `name: {term.name}_2` in its init_args, or --regularization.name=...): the name keys "
-                "its logs (train/penalty/<name>) and its checkpoint state."
-            )
-        seen.add(term.name)
 
 
 def run_cli(args: Sequence[str], run: bool = True, **kwargs: Any) -> RegfitCLI:

@@ -67,7 +67,7 @@ class Constrain(BoundCallback):
                 f"Constrain(constraint={constraint!r}): give a regfit.constraints.Constraint, "
                 "e.g. Constrain(MaxNorm(3.0)) or in YAML class_path: regfit.constraints.MaxNorm."
             )
-        super().__init__(name or constraint.name)
+        super().__init__(constraint.name if name is None else name)
         self.constraint = constraint
         self.selector = Selector(include=include, exclude=exclude)
         self.assignments: list[Assignment] = []

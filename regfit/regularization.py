@@ -110,9 +110,7 @@ class Regularization(BoundCallback):
             raise ValueError(f"on_nonfinite={on_nonfinite!r}: use 'raise', 'skip' or 'off'.")
         self.on_nonfinite = on_nonfinite
         penalty = resolve_penalty(penalty)
-        if name is not None and not (isinstance(name, str) and name):
-            raise ValueError(f"name={name!r}: give a non-empty string (the term's name in logs, train/penalty/<name>) or leave it out.")
-        super().__init__(name or penalty.name)
+        super().__init__(penalty.name if name is None else name)
         self.term = Term(
             penalty=penalty,
             strength=strength,

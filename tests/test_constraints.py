@@ -154,3 +154,14 @@ def test_constrain_logs_no_penalty_but_the_weight_norm(tmp_path):
     assert not any(k.startswith("train/penalty/") or k.startswith("train/strength/") for k in keys)
     norms = [float(r["weights/norm/unitnorm"]) for r in rows if r.get("weights/norm/unitnorm")]
     assert norms and all(n == pytest.approx(3 ** 0.5) for n in norms)  # 3 unit rows
+
+
+def test_two_constraints_or_a_constraint_and_a_term_with_one_name_are_an_error():
+    """Their logs (weights/norm/<name>) would merge into one curve."""
+    with pytest.raises(ValueError, match=r"Two constraints are named 'maxnorm'\. Give each a distinct `name`"):
+        fit(TinyNet(), batches(2), [Constrain(MaxNorm(3.0)), Constrain(MaxNorm(1.0), include=["last_layer"])])
+    with pytest.raises(ValueError, match=r"A term and a constraint are both named 'l2'"):
+        fit(TinyNet(), batches(2), [Regularization(L2()), Constrain(MaxNorm(3.0), name="l2")])
+    fit(TinyNet(), batches(2), [Constrain(MaxNorm(3.0)), Constrain(MaxNorm(1.0), include=["last_layer"], name="head_norm")])
+    with pytest.raises(ValueError, match=r"name=5: give a non-empty string"):
+        Constrain(MaxNorm(3.0), name=5)
