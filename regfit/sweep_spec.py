@@ -21,6 +21,7 @@ config given after the sampled values would overwrite them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -289,7 +290,11 @@ def _bounded_parameter(name: str, dist: str, spec: Mapping[str, Any], where: str
     lo, hi = spec.get("min"), spec.get("max")
     for key, bound in (("min", lo), ("max", hi)):
         if not isinstance(bound, (int, float)) or isinstance(bound, bool) or not math.isfinite(bound):
-            raise SweepSpecError(f"{where}: distribution {dist} needs a finite number `{key}`, got {bound!r}")
+            hint = ""
+            if isinstance(bound, str):
+                with contextlib.suppress(ValueError):
+                    hint = f" (YAML reads {bound} as a string: write it with a dot, {float(bound):.1e})"
+            raise SweepSpecError(f"{where}: distribution {dist} needs a finite number `{key}`, got {bound!r}{hint}")
     if dist == "int_uniform" and not (isinstance(lo, int) and isinstance(hi, int)):
         raise SweepSpecError(f"{where}: int_uniform needs integer min/max, got {lo!r}, {hi!r}")
     if not lo < hi:
@@ -298,6 +303,12 @@ def _bounded_parameter(name: str, dist: str, spec: Mapping[str, Any], where: str
         raise SweepSpecError(
             f"{where}: {dist} takes the values themselves, so min must be > 0 (got {lo}); "
             "log_uniform takes natural-log bounds instead"
+        )
+    if dist.endswith("log_uniform") and 0 < lo < hi <= 1:
+        raise SweepSpecError(
+            f"{where}: {dist} takes natural-log bounds, so min: {lo}, max: {hi} would sample "
+            f"e^{lo:g}…e^{hi:g} ≈ {math.exp(lo):.3g}…{math.exp(hi):.3g}. For values from {lo:g} to {hi:g} write "
+            f"`distribution: {dist}_values`, or give log bounds: min: {math.log(lo):.2f}, max: {math.log(hi):.2f}"
         )
     q = spec.get("q")
     if dist.startswith("q_"):

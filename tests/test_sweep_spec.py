@@ -98,6 +98,14 @@ def test_wandb_schema_agrees_on_a_bad_file():
             "min must be > 0",
         ),
         (sweep(parameters={"optimizer.lr": {"min": 1.0, "max": 0.1}}), "min (1.0) must be smaller than max (0.1)"),
+        (  # the values themselves given to log_uniform, which W&B reads as ln bounds: λ ≈ 1.0…1.1
+            sweep(parameters={"regularization.strength": {"distribution": "log_uniform", "min": 1e-6, "max": 0.1}}),
+            "would sample e^1e-06…e^0.1 ≈ 1…1.11. For values from 1e-06 to 0.1 write `distribution: log_uniform_values`",
+        ),
+        (
+            sweep(parameters={"regularization.strength": {"distribution": "log_uniform_values", "min": "1e-6", "max": 0.1}}),
+            "got '1e-6' (YAML reads 1e-6 as a string: write it with a dot, 1.0e-06)",
+        ),
         (sweep(parameters={}), "`parameters` must map dotted CLI names"),
         (sweep(parameters={"optimizer": {"parameters": {"lr": {"value": 1}}}}), "nested `parameters` are not supported"),
         (
