@@ -63,7 +63,15 @@ def last_layer(model: nn.Module) -> nn.Module | None:
     parameters directly — for the usual ``body → head`` layout, the classifier head.
     """
     custom = getattr(model, "last_layer", None)
-    return custom() if callable(custom) else last_parametrized_module(model)
+    if not callable(custom):
+        return last_parametrized_module(model)
+    head = custom()
+    if head is not None and not isinstance(head, nn.Module):
+        raise SelectionError(
+            f"{type(model).__name__}.last_layer() returned {type(head).__name__} {head!r:.60}; it must return the head "
+            "module itself (e.g. `return self.head`), or None for a model without one."
+        )
+    return head
 
 
 def last_parametrized_module(model: nn.Module) -> nn.Module | None:

@@ -37,3 +37,15 @@ def test_a_model_that_fits_checks_once_and_trains():
 def test_probability_targets_are_not_taken_for_labels():
     soft = torch.softmax(torch.randn(8, 10), dim=1)
     assert torch.isfinite(MLP(widths=[8]).data_loss((DIGITS[0], soft)))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: CNN(hidden=-5), r"hidden=-5 must be an integer ≥ 0"),
+    (lambda: MLP(in_features=0), r"in_features=0 must be an integer ≥ 1"),
+    (lambda: MLP(num_classes=1), r"num_classes=1 must be an integer ≥ 2"),
+    (lambda: CNN(in_channels=0), r"in_channels=0 must be an integer ≥ 1"),
+    (lambda: CNN(image_size=2.5), r"image_size=2.5 must be an integer ≥ 1"),
+])
+def test_bad_model_sizes_are_named(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

@@ -63,6 +63,16 @@ def test_last_layer_can_be_named_by_the_model():
     assert names(Selector(include=["last_layer"]), Custom()) == ["body.2.weight", "body.2.bias"]
 
 
+@pytest.mark.parametrize("wrong", ["head", ["body.2"], "parameter"])
+def test_last_layer_returning_something_else_than_a_module_is_named(wrong):
+    class Custom(Model):
+        def last_layer(self):
+            return self.head.weight if wrong == "parameter" else wrong
+
+    with pytest.raises(SelectionError, match=r"Custom.last_layer\(\) returned .*it must return the head module itself"):
+        Selector().select(Custom())
+
+
 def test_glob_matching_nothing_is_an_error_with_close_names():
     with pytest.raises(SelectionError, match=r"'bodyy\.\*' matches no trainable parameter.*body\."):
         Selector(include=["bodyy.*"]).select(Model())
