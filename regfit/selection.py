@@ -67,8 +67,9 @@ def last_layer(model: nn.Module) -> nn.Module | None:
         return last_parametrized_module(model)
     head = custom()
     if head is not None and not isinstance(head, nn.Module):
+        shown = f"{head!r:.60}" if isinstance(head, (str, list, tuple)) else f"a {type(head).__name__}"
         raise SelectionError(
-            f"{type(model).__name__}.last_layer() returned {type(head).__name__} {head!r:.60}; it must return the head "
+            f"{type(model).__name__}.last_layer() returned {shown}; it must return the head "
             "module itself (e.g. `return self.head`), or None for a model without one."
         )
     return head
