@@ -36,8 +36,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from regfit.module import RegModule
 from regfit.binding import check_distinct_names
+from regfit.module import RegModule
 from regfit.regularization import Regularization
 from regfit.weight_histograms import WeightHistograms, wandb_loggers
 

@@ -49,6 +49,8 @@ import lightning as L
 import numpy as np
 import torch
 
+from regfit.hyperparams import check_int
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -648,9 +650,8 @@ class MNISTDataModule(L.LightningDataModule):
         drop_last: bool = False,
     ) -> None:
         super().__init__()
-        for arg, value in (("batch_size", batch_size), ("seed", seed)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (arg == "batch_size"):
-                raise ValueError(f"{arg} must be an integer ≥ {int(arg == 'batch_size')}, got {value!r}")
+        call = type(self).__name__
+        batch_size, seed = check_int(call, "batch_size", batch_size, 1), check_int(call, "seed", seed, 0)
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
         if isinstance(mirrors, (str, bytes)):

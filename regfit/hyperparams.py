@@ -11,7 +11,7 @@ import numbers
 from typing import Callable
 
 
-__all__ = ["Hyperparams", "check_number"]
+__all__ = ["Hyperparams", "check_number", "check_int"]
 
 
 class Hyperparams:
@@ -44,3 +44,19 @@ def check_number(call: str, arg: str, value: object, ok: Callable[[float], bool]
         if ok(number):  # NaN fails every comparison, so it lands below with the rest
             return number
     raise ValueError(f"{call}({arg}={value!r}): {arg} must be {requirement}.")
+
+
+def check_int(call: str, arg: str, value: object, low: int, note: str = "") -> int:
+    """``value`` when it is an integer (not a bool) ≥ ``low``; otherwise
+    ``ValueError("call(arg=value): arg must be an integer ≥ low<note>.")``.
+
+    >>> check_int("Step", "step_size", 10, 1)
+    10
+    >>> check_int("MLP", "in_features", 0, 1)
+    Traceback (most recent call last):
+    ...
+    ValueError: MLP(in_features=0): in_features must be an integer ≥ 1.
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low:
+        return int(value)
+    raise ValueError(f"{call}({arg}={value!r}): {arg} must be an integer ≥ {low}{note}.")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from regfit.hyperparams import check_int
 from regfit.module import RegModule
 
 __all__ = ["Classifier", "MLP", "CNN", "ACTIVATIONS"]
@@ -33,12 +34,6 @@ def _activation(name: str) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ValueError(f"Unknown activation {name!r}. Use one of {sorted(ACTIVATIONS)}.")
     return ACTIVATIONS[name]()
-
-
-def _int_at_least(value: int, what: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{what}={value!r} must be an integer ≥ {low}.")
-    return value
 
 
 def _positive_ints(values: Sequence[int], what: str) -> list[int]:
@@ -59,7 +54,7 @@ class Classifier(RegModule):
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
-        self.num_classes = _int_at_least(num_classes, "num_classes", 2)
+        self.num_classes = check_int(type(self).__name__, "num_classes", num_classes, 2)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self._batch_checked = False
@@ -139,7 +134,7 @@ class MLP(Classifier):
     ) -> None:
         super().__init__(num_classes)
         widths = _positive_ints(widths, "widths")
-        _int_at_least(in_features, "in_features", 1)
+        check_int("MLP", "in_features", in_features, 1)
         if norm not in ("none", "batch", "layer"):
             raise ValueError(f"Unknown norm {norm!r}. Use 'none', 'batch' or 'layer'.")
         if not 0.0 <= dropout < 1.0:
@@ -202,7 +197,7 @@ class CNN(Classifier):
         super().__init__(num_classes)
         channels = _positive_ints(channels, "channels")
         for value, what, low in ((hidden, "hidden", 0), (in_channels, "in_channels", 1), (image_size, "image_size", 1)):
-            _int_at_least(value, what, low)
+            check_int("CNN", what, value, low)
         if image_size >> len(channels) < 1:
             raise ValueError(f"image_size={image_size} is too small for {len(channels)} pooling blocks.")
         self.save_hyperparameters()

@@ -37,15 +37,13 @@ from __future__ import annotations
 
 import math
 
-from regfit.hyperparams import Hyperparams, check_number
+from regfit.hyperparams import Hyperparams, check_int, check_number
 
 __all__ = ["Schedule", "Constant", "LinearWarmup", "Cosine", "Step", "FollowLR"]
 
 
 def _check_steps(cls: str, arg: str, value: int, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{cls}({arg}={value!r}): {arg} must be an integer ≥ {minimum} (a number of optimizer steps).")
-    return value
+    return check_int(cls, arg, value, minimum, " (a number of optimizer steps)")
 
 
 def _check_fraction(cls: str, arg: str, value: float) -> float:

@@ -343,9 +343,9 @@ def test_a_data_dir_that_cannot_hold_the_data_is_named(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"batch_size": 64.0}, r"batch_size must be an integer ≥ 1, got 64.0"),
-    ({"batch_size": 0}, r"batch_size must be an integer ≥ 1, got 0"),
-    ({"seed": 1.5}, r"seed must be an integer ≥ 0, got 1.5"),
+    ({"batch_size": 64.0}, r"MNISTDataModule\(batch_size=64.0\): batch_size must be an integer ≥ 1"),
+    ({"batch_size": 0}, r"MNISTDataModule\(batch_size=0\): batch_size must be an integer ≥ 1"),
+    ({"seed": 1.5}, r"MNISTDataModule\(seed=1.5\): seed must be an integer ≥ 0"),
     ({"val_fraction": "0.1"}, r"val_fraction must be in \[0, 1\), got '0.1'"),
     ({"mirrors": "https://example.org/mnist/"}, r"mirrors='https://example.org/mnist/' must be a list of URLs"),
 ])

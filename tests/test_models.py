@@ -40,11 +40,11 @@ def test_probability_targets_are_not_taken_for_labels():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: CNN(hidden=-5), r"hidden=-5 must be an integer ≥ 0"),
-    (lambda: MLP(in_features=0), r"in_features=0 must be an integer ≥ 1"),
-    (lambda: MLP(num_classes=1), r"num_classes=1 must be an integer ≥ 2"),
-    (lambda: CNN(in_channels=0), r"in_channels=0 must be an integer ≥ 1"),
-    (lambda: CNN(image_size=2.5), r"image_size=2.5 must be an integer ≥ 1"),
+    (lambda: CNN(hidden=-5), r"^CNN\(hidden=-5\): hidden must be an integer ≥ 0"),
+    (lambda: MLP(in_features=0), r"^MLP\(in_features=0\): in_features must be an integer ≥ 1"),
+    (lambda: MLP(num_classes=1), r"^MLP\(num_classes=1\): num_classes must be an integer ≥ 2"),
+    (lambda: CNN(in_channels=0), r"^CNN\(in_channels=0\): in_channels must be an integer ≥ 1"),
+    (lambda: CNN(image_size=2.5), r"^CNN\(image_size=2.5\): image_size must be an integer ≥ 1"),
 ])
 def test_bad_model_sizes_are_named(make, match):
     with pytest.raises(ValueError, match=match):
