@@ -49,7 +49,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from regfit.hyperparams import check_int
+from regfit.hyperparams import check_int, is_number
 
 log = logging.getLogger(__name__)
 
@@ -652,7 +652,7 @@ class MNISTDataModule(L.LightningDataModule):
         super().__init__()
         call = type(self).__name__
         batch_size, seed = check_int(call, "batch_size", batch_size, 1), check_int(call, "seed", seed, 0)
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
+        if not (is_number(val_fraction) and 0.0 <= val_fraction < 1.0):
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
         if isinstance(mirrors, (str, bytes)):
             raise ValueError(f"mirrors={mirrors!r} must be a list of URLs, e.g. mirrors=[{mirrors!r}]")

@@ -11,7 +11,7 @@ import numbers
 from typing import Callable
 
 
-__all__ = ["Hyperparams", "check_number", "check_int"]
+__all__ = ["Hyperparams", "is_number", "check_number", "check_int"]
 
 
 class Hyperparams:
@@ -23,6 +23,11 @@ class Hyperparams:
 
     def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and vars(self) == vars(other)
+
+
+def is_number(value: object) -> bool:
+    """A real number (int, float, numpy scalar), not a bool, a string or a tensor."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_number(call: str, arg: str, value: object, ok: Callable[[float], bool], requirement: str) -> float:
@@ -39,7 +44,7 @@ def check_number(call: str, arg: str, value: object, ok: Callable[[float], bool]
     ...
     ValueError: LHalf(eps='1e-3'): eps must be a number > 0.
     """
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+    if is_number(value):
         number = float(value)
         if ok(number):  # NaN fails every comparison, so it lands below with the rest
             return number

@@ -69,18 +69,15 @@ class Bucket:
     def stepping(self) -> list[Tensor]:
         """The stepping parameters as the tensors the kernels update in place: a sharded
         (DTensor) parameter as its local shard."""
-        if not self._has_shards():  # the common case, without a call per tensor: this runs every step
-            return [p for p in self.params if p.grad is not None]
-        return [local(p) for p in self.params if p.grad is not None]
+        return self.stepping_with_grads()[0]
 
     def stepping_grads(self) -> list[Tensor]:
         """The gradients of :meth:`stepping`'s parameters, in the same order and form."""
-        if not self._has_shards():
-            return [p.grad for p in self.params if p.grad is not None]
-        return [local(p.grad) for p in self.params if p.grad is not None]
+        return self.stepping_with_grads()[1]
 
     def stepping_with_grads(self) -> tuple[list[Tensor], list[Tensor]]:
-        """:meth:`stepping` and :meth:`stepping_grads` together, in one pass."""
+        """:meth:`stepping` and :meth:`stepping_grads` in one pass over the parameters (this
+        runs every step; no per-tensor call unless the bucket holds shards)."""
         params, grads = [], []
         for p in self.params:
             g = p.grad

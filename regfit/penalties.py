@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from regfit import functional as F
-from regfit.hyperparams import Hyperparams, check_number
+from regfit.hyperparams import Hyperparams, check_int, check_number
 
 __all__ = ["Penalty", "L2", "L1", "ElasticNet", "Lp", "LHalf", "GroupLasso", "Orthogonal", "Nuclear", "SpectralNorm",
            "resolve_penalty"]
@@ -519,9 +519,7 @@ class SpectralNorm(_MatrixPenalty):
     name = "spectralnorm"
 
     def __init__(self, n_iter: int = 30) -> None:
-        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-            raise ValueError(f"SpectralNorm(n_iter={n_iter!r}): n_iter must be an integer ≥ 1.")
-        self.n_iter = n_iter
+        self.n_iter = check_int("SpectralNorm", "n_iter", n_iter, 1)
 
     def _singular_vectors(self, m: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():

@@ -19,6 +19,8 @@ from typing import Callable, Literal, Union
 from torch import Tensor, nn
 from torch.nn.init import _calculate_fan_in_and_fan_out
 
+from regfit.hyperparams import check_int, check_number
+
 __all__ = ["ScaleRule", "scale_fn", "fan_scale", "numel_scale", "no_scale", "DepthDecay"]
 
 ScaleFn = Callable[[str, Tensor], float]
@@ -111,13 +113,8 @@ class DepthDecay:
     """
 
     def __init__(self, decay: float = 0.8, level: int | None = None, base: ScaleRule = "none") -> None:
-        decay = float(decay)
-        if not math.isfinite(decay) or decay <= 0:
-            raise ValueError(f"DepthDecay(decay={decay!r}): decay must be a finite number > 0, e.g. 0.8.")
-        if level is not None and (isinstance(level, bool) or not isinstance(level, int) or level < 1):
-            raise ValueError(f"DepthDecay(level={level!r}): level must be an integer ≥ 1 or None (one block per layer).")
-        self.decay = decay
-        self.level = level
+        self.decay = check_number("DepthDecay", "decay", decay, lambda v: 0 < v < math.inf, "a finite number > 0, e.g. 0.8")
+        self.level = None if level is None else check_int("DepthDecay", "level", level, 1, " or None (one block per layer)")
         self.base = base
         self._base = scale_fn(base)
         self._depth: dict[str, int] = {}

@@ -9,13 +9,13 @@ updates with one vectorized call each.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from regfit.hyperparams import is_number
 from regfit.modes import Bucket, Mode, Proximal
 from regfit.penalties import Penalty
 from regfit.scaling import ScaleRule, scale_fn
@@ -27,7 +27,7 @@ __all__ = ["Term", "Assignment", "Override", "validate_strength", "bucket_by_gro
 
 
 def validate_strength(strength: float, where: str = "strength") -> float:
-    if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
+    if not is_number(strength):
         raise ValueError(f"{where}={strength!r} is not a number; give λ ≥ 0, e.g. {where}=1e-4.")
     value = float(strength)
     if not math.isfinite(value) or value < 0:
@@ -166,7 +166,7 @@ class Term:
             coeff = self._scale(info.name, info.param)
             if isinstance(coeff, Tensor) and coeff.numel() == 1:
                 coeff = coeff.item()
-            if isinstance(coeff, bool) or not isinstance(coeff, numbers.Real) or not 0 <= coeff < math.inf:
+            if not (is_number(coeff) and 0 <= coeff < math.inf):
                 raise ValueError(
                     f"Term {self.name!r}: scale gave c={coeff!r} for {info.name}; it must return a finite number ≥ 0."
                 )
