@@ -154,16 +154,16 @@ class MLP(Classifier):
             n_in = width
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(n_in, num_classes)
-        self.in_features = in_features
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x.flatten(1)))
 
     def check_inputs(self, x: Tensor) -> None:
+        want = self.hparams.in_features
         n = x[0].numel() if x.ndim >= 2 else None
-        if n != self.in_features:
+        if n != want:
             raise ValueError(
-                f"MLP(in_features={self.in_features}) got a batch of shape {tuple(x.shape)}"
+                f"MLP(in_features={want}) got a batch of shape {tuple(x.shape)}"
                 + (f", {n} values per sample: give in_features={n} (--model.init_args.in_features={n})." if n else
                    ": expected (batch, features…).")
             )

@@ -191,7 +191,6 @@ class Selector:
             if (not include or any(rule(i) for _, rule in include)) and not any(rule(i) for _, rule in exclude)
         ]
 
-
     def select_some(self, model: nn.Module, owner: str) -> list[ParamInfo]:
         """:meth:`select` for a term or constraint (``owner``, e.g. ``"Term 'l2'"``), which
         would do nothing at all with no parameter: that is an error naming its rules.

@@ -174,8 +174,7 @@ class Objective:
 
                 if not is_user_error(exc):
                     raise
-                shown = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
-                raise SweepError(f"trial {trial.number} ({shown}): {format_error(exc, argv)}") from exc
+                raise SweepError(f"trial {trial.number} ({_shown(values)}): {format_error(exc, argv)}") from exc
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
         if trainer.log_dir:
             trial.set_user_attr("log_dir", str(trainer.log_dir))
@@ -202,9 +201,13 @@ class Objective:
 
 
 def _log_trial(number: int, values: Mapping[str, Any], metric: str, reporter: TrialReporter) -> None:
-    shown = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
     result = _fmt(reporter.history[-1]) if reporter.history else "-"
-    log.info("trial %d: %s → %s=%s%s", number, shown, metric, result, " (pruned)" if reporter.pruned else "")
+    log.info("trial %d: %s → %s=%s%s", number, _shown(values), metric, result, " (pruned)" if reporter.pruned else "")
+
+
+def _shown(values: Mapping[str, Any]) -> str:
+    """A trial's parameters as ``key=value`` pairs."""
+    return " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
 
 
 def _fmt(value: Any) -> str:
