@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -110,6 +111,17 @@ def finite_differences(penalty, w: torch.Tensor, h: float = 1e-6) -> torch.Tenso
         e = e.view_as(w)
         fd.view(-1)[i] = (penalty.value(w + e) - penalty.value(w - e)) / (2 * h)
     return fd
+
+
+def read_metrics(logger) -> list[dict[str, str]]:
+    """The rows of a CSVLogger's metrics.csv."""
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows, key):
+    """The float values of ``key`` in the rows that have one."""
+    return [float(r[key]) for r in rows if r.get(key)]
 
 
 def max_param_diff(a: nn.Module, b: nn.Module) -> float:

@@ -15,16 +15,7 @@ from torch import nn
 
 from regfit import RegModule, Regularization
 from regfit.penalties import L1, L2, LHalf
-from tests.helpers import Batches, TinyNet, batches, fit, max_param_diff, reference_loop
-
-
-def read_metrics(logger: CSVLogger) -> list[dict[str, str]]:
-    with open(Path(logger.log_dir) / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def column(rows, key):
-    return [float(r[key]) for r in rows if r.get(key)]
+from tests.helpers import Batches, column, read_metrics, TinyNet, batches, fit, max_param_diff, reference_loop
 
 
 def test_issue_example_logs_every_metric_separately(tmp_path):

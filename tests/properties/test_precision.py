@@ -14,7 +14,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from regfit import Regularization
 from regfit.penalties import L1, L2, LHalf
 from tests.helpers import TinyNet, batches, fit
-from tests.test_module import column, read_metrics
+from tests.helpers import column, read_metrics
 
 MODES = {"coupled": L2(), "decoupled": L2(), "proximal": L1()}
 SKIP_STEP = 2

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_readme import README_BLOCKS, constraint_pins, split_commands
+from tests.docs.test_readme import README_BLOCKS, constraint_pins, split_commands
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 
 

@@ -1,8 +1,8 @@
-"""One DDP rank of tests/test_ddp.py: fit every mode on 2 CPU processes (gloo), save results.
+"""One DDP rank of tests/distributed/test_ddp.py: fit every mode on 2 CPU processes (gloo), save results.
 
 Launched as ``python -m torch.distributed.run --standalone --nproc_per_node=2
-tests/ddp_worker.py OUT_DIR`` (Lightning reads the torchrun environment), or as
-``python tests/ddp_worker.py OUT_DIR --lightning-launcher``, where Lightning's ``ddp``
+tests/distributed/ddp_worker.py OUT_DIR`` (Lightning reads the torchrun environment), or as
+``python tests/distributed/ddp_worker.py OUT_DIR --lightning-launcher``, where Lightning's ``ddp``
 strategy starts the second process itself by re-running this script — the path that
 ``regfit fit --trainer.strategy=ddp --trainer.devices=2`` takes. Each rank writes
 ``<run>_rank<r>.pt`` with its final parameters, the metrics the loggers received and the

@@ -1,7 +1,7 @@
-"""One rank of tests/test_fsdp.py: train with FSDP2 ``fully_shard`` on 2 CPU processes (gloo).
+"""One rank of tests/distributed/test_fsdp.py: train with FSDP2 ``fully_shard`` on 2 CPU processes (gloo).
 
 Launched as ``python -m torch.distributed.run --standalone --nproc_per_node=2
-tests/fsdp_worker.py OUT_DIR``. For every case of :data:`CASES` each rank shards a
+tests/distributed/fsdp_worker.py OUT_DIR``. For every case of :data:`CASES` each rank shards a
 float64 TinyNet (each Linear / LayerNorm, then the root), binds a regfit ``Term`` to a
 torch optimizer and trains on its half of each global batch; it writes
 ``<case>_rank<r>.pt`` with the gathered full parameters, the penalty value, weight norm

@@ -17,7 +17,7 @@ from regfit.cli import run_cli
 from regfit.sweep import Objective
 from regfit.sweep_spec import load_sweep, make_sampler, suggest, trial_argv
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 L2_SWEEP = REPO_ROOT / "configs" / "sweeps" / "mnist_l2_lambda_lr.yaml"
 LAMBDA, LR = "regularization.strength", "optimizer.lr"
 

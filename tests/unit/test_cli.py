@@ -15,7 +15,7 @@ import pytest
 
 from regfit.cli import configure_wandb, main, run_cli, wandb_credentials_found
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 L2_CONFIG = str(REPO / "configs" / "mnist_l2.yaml")
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",

@@ -18,7 +18,7 @@ from regfit.selection import SelectionError
 from regfit.term import Override
 from tests.helpers import TinyNet, batches, fit, max_param_diff, reference_loop
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist_schedule_constraints.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "mnist_schedule_constraints.yaml"
 
 
 def coeffs(reg, model):

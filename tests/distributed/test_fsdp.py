@@ -1,7 +1,7 @@
 """Sharded parameters (FSDP2 ``fully_shard``, DTensor) on 2 CPU processes (gloo).
 
 Every case trains a float64 TinyNet sharded over 2 ranks through regfit's ``Term`` and a
-torch optimizer (tests/fsdp_worker.py), and must equal one unsharded process on the same
+torch optimizer (tests/distributed/fsdp_worker.py), and must equal one unsharded process on the same
 global batch: the gathered parameters within 1e-10, and the penalty value, weight norm
 and sparsity after every step (each rank sums its shards, one all-reduce adds them up).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests import fsdp_worker as W
+from tests.distributed import fsdp_worker as W
 from tests.helpers import batches, launch_ranks
 
 
@@ -20,7 +20,7 @@ from tests.helpers import batches, launch_ranks
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    launch_ranks(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/fsdp_worker.py"], out)
+    launch_ranks(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/distributed/fsdp_worker.py"], out)
     return lambda case: [torch.load(out / f"{case}_rank{r}.pt", weights_only=False) for r in range(W.WORLD)]
 
 

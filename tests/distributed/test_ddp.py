@@ -1,7 +1,7 @@
 """DDP on 2 CPU processes (gloo): every mode keeps the replicas identical, equals one
 process on the same global batch, and adds no collective communication of its own.
 
-The ranks run in subprocesses (tests/ddp_worker.py): once under torchrun for every mode,
+The ranks run in subprocesses (tests/distributed/ddp_worker.py): once under torchrun for every mode,
 once started by Lightning's own ``ddp`` launcher (the ``regfit fit --trainer.strategy=ddp``
 path) for one mode.
 """
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from tests import ddp_worker as W
+from tests.distributed import ddp_worker as W
 from tests.helpers import launch_ranks
 
 MODES = ["coupled", "decoupled", "proximal"]
@@ -22,8 +22,8 @@ MODES = ["coupled", "decoupled", "proximal"]
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    launch_ranks(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/ddp_worker.py"], out)
-    launch_ranks(["tests/ddp_worker.py", "--lightning-launcher"], out)
+    launch_ranks(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/distributed/ddp_worker.py"], out)
+    launch_ranks(["tests/distributed/ddp_worker.py", "--lightning-launcher"], out)
 
     def load(tag):
         return [torch.load(out / f"{tag}_rank{r}.pt", weights_only=False) for r in range(W.WORLD)]
@@ -77,7 +77,7 @@ def test_ddp_penalty_adds_no_collective(ddp_results):
 
 
 def test_sharded_parameters_refused_where_shards_are_not_exact(tmp_path):
-    """Sharded (DTensor) parameters: elementwise penalties train on them (tests/test_fsdp.py);
+    """Sharded (DTensor) parameters: elementwise penalties train on them (tests/distributed/test_fsdp.py);
     penalties that are not exact shard by shard fail at fit start, naming the way out."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh

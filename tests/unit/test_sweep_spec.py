@@ -23,7 +23,7 @@ from regfit.sweep_spec import (  # noqa: E402
     trial_argv,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SWEEP_FILES = sorted((REPO_ROOT / "configs" / "sweeps").glob("*.yaml"))
 COMMAND = ["${env}", "regfit", "fit", "--config", "configs/mnist_l2.yaml", "${args}"]
 
