@@ -153,7 +153,8 @@ terms of a config (the same overrides as `regfit fit`), without training.
 
 def main(argv: Sequence[str]) -> int:
     """``regfit groups`` entry point; errors propagate to :func:`regfit.cli.main`."""
-    from regfit.cli import check_config_given, run_cli  # the CLI imports this module lazily too
+    from regfit.errors import check_config_given
+    from regfit.lightning_cli import run_cli
     from regfit.regularization import regularizations
 
     args = list(argv)

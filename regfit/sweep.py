@@ -109,7 +109,7 @@ class TrialReporter(Callback):
 def fit_in_process(argv: Sequence[str], callbacks: Sequence[Callback]) -> pl.Trainer:
     """``regfit ARGV`` (``fit …``) in this process, with ``callbacks`` added to the trainer.
     The command closes its W&B run when it ends, so each trial gets its own."""
-    from regfit.cli import run_cli
+    from regfit.lightning_cli import run_cli
 
     return run_cli(argv, extra_callbacks=callbacks).trainer
 
@@ -170,7 +170,7 @@ class Objective:
             try:
                 trainer = self.fit(argv, [reporter])
             except Exception as exc:
-                from regfit.cli import format_error, is_user_error
+                from regfit.errors import format_error, is_user_error
 
                 if not is_user_error(exc):
                     raise
