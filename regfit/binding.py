@@ -1,117 +1,226 @@
-"""Parameters bound to optimizer steps: the lifecycle shared by the callbacks that act on
-selected parameters once per real optimizer step (:class:`~regfit.Regularization`,
-:class:`~regfit.constrain.Constrain`).
+"""Selected tensors bound to the param groups of the optimizers that update them.
 
-==============  ==========================================================================
-hook            what happens
-==============  ==========================================================================
-setup           select the parameters, so selection errors surface before any step
-on_fit_start    select again if a strategy replaced the parameters since setup
-                (``ModelParallelStrategy`` shards them in ``configure_model``); bind them
-                to the optimizers' param groups; register the optimizer step hooks
-on_train_start  bind again if a resume replaced the param-group dicts
-                (``Optimizer.load_state_dict`` does, after ``on_fit_start``)
-teardown        remove the step hooks
-==============  ==========================================================================
+A :class:`Bound` (a :class:`~regfit.term.Term`, a :class:`~regfit.projection.Projection`)
+selects tensors of a model once (:meth:`Bound.assign`) and groups them by optimizer param
+group (:meth:`Bound.bind`), so that each step reads the group's live learning rate and
+acts only on the groups of the optimizer that is stepping.
+
+What can change under a binding during a fit, and how it is followed (without a per-step
+scan of every parameter):
+
+* the param groups: a new group (``add_param_group``, Lightning's ``BackboneFinetuning``)
+  or new group dicts (``Optimizer.load_state_dict`` on resume). :meth:`Bound.stale` reads
+  one signature per optimizer — the group list, the number of groups and of parameters —
+  which the step engine compares every step in O(number of groups);
+* tensors that become trainable (``requires_grad_(True)``) while already in a group: the
+  frozen tensors the rules would select are kept as :attr:`Bound.dormant`, and
+  :meth:`Bound.woke` looks at just those — at every epoch start under Lightning, every
+  few steps with :func:`regfit.attach`, and whenever the groups change.
+
+Either one makes :meth:`Bound.refresh` select and bind again.
+
+The optimizer's own ``weight_decay`` is looked at when binding (:func:`decay_report`): a
+group that decays tensors a term also regularizes decays them twice, and one that decays
+tensors the term excludes decays them all the same.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Sequence
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
 
 from regfit.modes import Bucket
-from regfit.term import Assignment, bucket_by_group
+from regfit.selection import ParamInfo, Selector
 
-__all__ = ["BoundCallback", "check_distinct_names"]
+__all__ = ["Assignment", "Bound", "bucket_by_group", "optimizer_signature", "DecayReport", "decay_report"]
 
 log = logging.getLogger(__name__)
 
 
-def check_distinct_names(callbacks: list[Any]) -> None:
-    """Terms and constraints are told apart by name in the logs (``weights/norm/<name>``,
-    ``train/penalty/<name>``) and checkpoints: two with one name are an error."""
-    seen: dict[str, BoundCallback] = {}
-    for cb in callbacks:
-        if not isinstance(cb, BoundCallback):
+@dataclass(frozen=True)
+class Assignment:
+    """One selected tensor, as ``regfit groups`` shows it.
+
+    ``name`` is the tensor's name in ``named_parameters()``; ``aliases`` its other names
+    (tied weights); ``out_dim`` the dim of its output units (1 for HF ``Conv1D`` and
+    transposed convs, see :func:`regfit.selection.output_dim`)."""
+
+    name: str
+    param: Tensor
+    coeff: float  # c(w): multiply by the strength λ for the effective coefficient
+    aliases: tuple[str, ...] = ()
+    out_dim: int = 0
+
+    @property
+    def oriented(self) -> Tensor:
+        """The tensor with its output units along dim 0 (a view: writes reach the parameter)."""
+        return self.param.transpose(0, 1) if self.out_dim else self.param
+
+
+def optimizer_signature(optimizer: torch.optim.Optimizer) -> tuple[int, int, int]:
+    """What changes when an optimizer's param groups do: the list object (replaced by
+    ``load_state_dict``), the number of groups (``add_param_group``), the number of
+    parameters in them. O(number of groups)."""
+    groups = optimizer.param_groups
+    return id(groups), len(groups), sum(len(g["params"]) for g in groups)
+
+
+def bucket_by_group(
+    assignments: Sequence[Assignment], optimizers: Sequence[torch.optim.Optimizer], oriented: bool = False
+) -> tuple[list[Bucket], list[str]]:
+    """Group assignments into buckets of (optimizer param group, coefficient, layout).
+
+    ``oriented``: the buckets hand the kernels each tensor with its output units first
+    (for row-structured penalties); otherwise as stored. Returns the buckets and the names
+    of assigned parameters that no optimizer updates."""
+    where: dict[int, dict] = {}
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                where[id(p)] = group
+    buckets: dict[tuple[int, float, int], Bucket] = {}
+    orphans = []
+    for a in assignments:
+        group = where.get(id(a.param))
+        if group is None:
+            orphans.append(a.name)
             continue
-        if cb.name in seen:
-            kinds = {seen[cb.name].kind, cb.kind}
-            who = f"Two {cb.kind.lower()}s are" if len(kinds) == 1 else "A term and a constraint are both"
-            raise ValueError(
-                f"{who} named {cb.name!r}. Give each a distinct `name` (e.g. `name: {cb.name}_2` in its init_args): "
-                "the name keys its logs (weights/norm/<name>, train/penalty/<name>) and its checkpoint state."
-            )
-        seen[cb.name] = cb
+        out_dim = a.out_dim if oriented else 0
+        key = (id(group), a.coeff, out_dim)
+        if key not in buckets:
+            lr0 = float(group.get("initial_lr", group.get("lr", 0.0)))
+            buckets[key] = Bucket([], a.coeff, group, initial_lr=lr0, max_lr=lr0, out_dim=out_dim)
+        buckets[key].params.append(a.param)
+        buckets[key].names.append(a.name)
+    return list(buckets.values()), orphans
 
 
-class BoundCallback(Callback):
-    """Base class: a subclass implements :meth:`select` and the step hooks it needs
-    (:meth:`_pre_step`, :meth:`_post_step`) and keeps ``assignments``/``buckets``."""
+class Bound:
+    """Base of what the step engine runs: tensors selected by ``selector`` and bound to the
+    optimizers' param groups. Subclasses set ``name``, ``selector`` and implement
+    :meth:`coefficients`; they read ``assignments`` and ``buckets``."""
 
-    #: how messages name an instance ("Term", "Constraint")
-    kind: ClassVar[str] = "Callback"
+    kind = "Bound"  # how messages name it: "Term", "Constraint"
+    name: str
+    selector: Selector
 
-    assignments: list[Assignment]
-    buckets: list[Bucket]
+    def _init_binding(self) -> None:
+        self.assignments: list[Assignment] = []
+        self.buckets: list[Bucket] = []
+        #: frozen tensors the rules would select; they join when they become trainable
+        self.dormant: list[Tensor] = []
+        self.orphans: list[str] = []
+        self._model: nn.Module | None = None
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._signatures: list[tuple[int, int, int]] = []
 
-    def __init__(self, name: str) -> None:
-        if not (isinstance(name, str) and name):
-            raise ValueError(f"name={name!r}: give a non-empty string (the {self.kind.lower()}'s name in logs) or leave it out.")
-        self._name = name
-        # Lightning reads state_key on every hook call (six per step): made once, not each time.
-        self._state_key = self._generate_state_key(name=name)
-        self._hooks: list[Any] = []
+    # ---- selection ------------------------------------------------------------------------
+    def coefficients(self, model: nn.Module, selected: list[ParamInfo]) -> list[float]:
+        """c(w) per selected tensor (1.0 for all by default)."""
+        return [1.0] * len(selected)
 
-    @property
-    def name(self) -> str:
-        return self._name
+    #: whether kernels see tensors with their output units first (row-structured updates)
+    oriented: bool = False
 
-    @property
-    def state_key(self) -> str:
-        return self._state_key
+    def assign(self, model: nn.Module) -> list[Assignment]:
+        """Select tensors of ``model`` (each tensor once, with its aliases) and compute their
+        coefficients; no optimizer needed. Selection errors surface here."""
+        selected = self.selector.select_some(model, f"{self.kind} {self.name!r}")
+        coeffs = self.coefficients(model, selected)
+        self.assignments = [Assignment(i.name, i.param, c, tuple(a.name for a in i.aliases), i.out_dim)
+                            for i, c in zip(selected, coeffs)]
+        self.dormant = [i.param for i in self.selector.select(model, frozen=True)]
+        self._model = model
+        return self.assignments
 
-    def select(self, pl_module: pl.LightningModule) -> None:
-        """Set ``self.assignments`` from the module's parameters."""
-        raise NotImplementedError
+    # ---- binding --------------------------------------------------------------------------
+    def bind(self, model: nn.Module | None, optimizers: Sequence[torch.optim.Optimizer]) -> list[str]:
+        """Resolve to buckets of (param group, coefficient). Returns the names of selected
+        tensors that no optimizer updates (they are left alone).
 
-    def _bind(self, trainer: pl.Trainer) -> None:
-        self.buckets, orphans = bucket_by_group(self.assignments, list(trainer.optimizers))
-        if orphans:
-            log.warning("%s %r: %d selected parameters are in no optimizer and are left alone: %s",
-                        self.kind, self.name, len(orphans), ", ".join(orphans[:5]))
+        ``model=None`` reuses the assignment of the last :meth:`assign`."""
+        if model is not None:
+            self.assign(model)
+        self._optimizers = list(optimizers)
+        self._signatures = [optimizer_signature(o) for o in self._optimizers]
+        self.buckets, self.orphans = bucket_by_group(self.assignments, self._optimizers, self.oriented)
+        return self.orphans
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_distinct_names(trainer.callbacks)
-        self.select(pl_module)
+    def stale(self) -> bool:
+        """Whether an optimizer's param groups changed since :meth:`bind` (O(groups))."""
+        return any(optimizer_signature(o) != s for o, s in zip(self._optimizers, self._signatures))
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        live = {id(p) for p in pl_module.parameters()}
-        if any(id(a.param) not in live for a in self.assignments):
-            self.select(pl_module)
-        self._bind(trainer)
-        for opt in trainer.optimizers:
-            self._hooks.append(opt.register_step_pre_hook(self._pre_step))
-            self._hooks.append(opt.register_step_post_hook(self._post_step))
+    def woke(self) -> bool:
+        """Whether a frozen tensor the rules would select has become trainable."""
+        return any(p.requires_grad for p in self.dormant)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        live = {id(g) for opt in trainer.optimizers for g in opt.param_groups}
-        if any(id(b.group) not in live for b in self.buckets):
-            self._bind(trainer)
+    def refresh(self) -> bool:
+        """Select and bind again when the groups changed or a dormant tensor woke; returns
+        whether anything was redone. Cheap when nothing changed."""
+        if self._model is None or not (self.stale() or self.woke()):
+            return False
+        before = {id(a.param) for a in self.assignments}
+        self.assign(self._model)
+        self.bind(None, self._optimizers)
+        added = [a.name for a in self.assignments if id(a.param) not in before]
+        if added:
+            log.info("%s %r now also acts on %d tensors that became trainable: %s", self.kind, self.name,
+                     len(added), ", ".join(added[:5]) + (" …" if len(added) > 5 else ""))
+        return True
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
 
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Optimizer step pre-hook. In full precision Lightning calls ``optimizer.step(closure)``,
-        so it fires *before* forward and backward; under a GradScaler it fires after them,
-        and only for a step that is really taken."""
+# ---- the optimizer's own weight decay ---------------------------------------------------------
 
-    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Optimizer step post-hook (not called for a step a GradScaler skips)."""
+
+@dataclass(frozen=True)
+class DecayReport:
+    """Tensors the optimizer's own ``weight_decay`` reaches, beside a term."""
+
+    term: str
+    doubled: dict[float, list[str]]  # weight_decay → names the term also regularizes
+    excluded: dict[float, list[str]]  # weight_decay → names the term leaves out, decayed all the same
+
+    def __bool__(self) -> bool:
+        return bool(self.doubled or self.excluded)
+
+    def message(self, optimizer: str = "the optimizer") -> str:
+        parts = []
+        for wd, names in self.doubled.items():
+            parts.append(f"weight_decay={wd:g} also decays the {len(names)} tensors this term regularizes "
+                         f"({_few(names)}): they are decayed twice")
+        for wd, names in self.excluded.items():
+            parts.append(f"weight_decay={wd:g} decays {len(names)} tensors this term excludes ({_few(names)}): "
+                         "excluding them here does not stop it")
+        return (f"Term {self.term!r}: {optimizer}'s own " + "; its ".join(parts) + ". Set weight_decay=0 in the "
+                "optimizer (torch.optim.AdamW defaults to 0.01) and let regfit's terms do the decay, e.g. "
+                "Regularization('l2', mode='decoupled', strength=0.01, exclude=['bias', 'norm']) for AdamW's.")
+
+
+def _few(names: Sequence[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def decay_report(bound: Bound, optimizers: Sequence[torch.optim.Optimizer]) -> DecayReport:
+    """Which tensors the optimizers' own ``weight_decay`` reaches beside a bound term: those
+    it regularizes too, and those its exclude rules leave out."""
+    selected = {id(a.param) for a in bound.assignments}
+    model = bound._model
+    if model is None:
+        return DecayReport(bound.name, {}, {})
+    left_out = {id(i.param): i.name for i in bound.selector.excluded(model)}
+    names = {id(a.param): a.name for a in bound.assignments} | left_out
+    doubled: dict[float, list[str]] = {}
+    excluded: dict[float, list[str]] = {}
+    for opt in optimizers:
+        for group in opt.param_groups:
+            wd = group.get("weight_decay", 0.0)
+            if not isinstance(wd, (int, float)) or not wd:
+                continue
+            for p in group["params"]:
+                if id(p) in names:
+                    (doubled if id(p) in selected else excluded).setdefault(float(wd), []).append(names[id(p)])
+    return DecayReport(bound.name, doubled, excluded)

@@ -2,8 +2,9 @@
 real optimizer step (Keras's kernel constraints, for any torch optimizer).
 
 It shares :class:`~regfit.Regularization`'s selection (include/exclude rules) and its
-timing: the projection runs in an optimizer step post-hook, once per real step — not per
-micro-batch under gradient accumulation, and not at all for a step a GradScaler skips.
+timing: the step engine (:mod:`regfit.engine`) projects after the optimizer update, once
+per real step — not per micro-batch under gradient accumulation, and not at all for a
+step a GradScaler skips.
 A constraint has no strength and no penalty value, so it adds nothing to
 ``train/penalty``; it logs ``weights/norm/<name>`` like a term.
 """
@@ -14,15 +15,11 @@ import logging
 from typing import Sequence
 
 import lightning.pytorch as pl
-import torch
 
-from regfit.binding import BoundCallback
+from regfit.callback import BoundCallback, is_logging_step
 from regfit.constraints import Constraint
-from regfit.modes import Bucket
-from regfit.regularization import is_logging_step
+from regfit.projection import Projection
 from regfit.selection import Selector
-from regfit.sharding import is_sharded
-from regfit.term import Assignment
 
 __all__ = ["Constrain"]
 
@@ -68,44 +65,26 @@ class Constrain(BoundCallback):
                 "e.g. Constrain(MaxNorm(3.0)) or in YAML class_path: regfit.constraints.MaxNorm."
             )
         super().__init__(constraint.name if name is None else name)
-        self.constraint = constraint
-        self.selector = Selector(include=include, exclude=exclude)
-        self.assignments: list[Assignment] = []
-        self.buckets: list[Bucket] = []
+        self.projection = Projection(constraint, Selector(include=include, exclude=exclude), self.name)
+        self.bound = self.projection
+
+    @property
+    def constraint(self) -> Constraint:
+        return self.projection.constraint
+
+    @property
+    def selector(self) -> Selector:
+        return self.projection.selector
 
     def __repr__(self) -> str:
         return (f"Constrain({self.constraint!r}, include={list(self.selector.include)}, "
                 f"exclude={list(self.selector.exclude)}, name={self.name!r})")
 
-    # ---- resolution (selection and binding: BoundCallback) ---------------------------------
-    def select(self, pl_module: pl.LightningModule) -> None:
-        selected = self.selector.select_some(pl_module, f"Constraint {self.name!r}")
-        self.assignments = [Assignment(i.name, i.param, 1.0) for i in selected]
-        sharded = [a.name for a in self.assignments if is_sharded(a.param)]
-        if sharded:
-            raise NotImplementedError(
-                f"Constraint {self.name!r}: {', '.join(sharded[:3])}{' …' if len(sharded) > 3 else ''} are sharded "
-                "(DTensor) parameters, which constraints do not support yet. Exclude them (exclude=[...]) or "
-                "train with --trainer.strategy=ddp.")
-
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         log.info("Constraint %r: %s on %d tensors.", self.name, self.constraint, len(self.assignments))
 
-    # ---- the step -----------------------------------------------------------------------
-    def _post_step(self, optimizer, args, kwargs) -> None:
-        ids = {id(g) for g in optimizer.param_groups}
-        with torch.no_grad():
-            for bucket in self.buckets:
-                if id(bucket.group) in ids:
-                    params = bucket.stepping()
-                    if params:
-                        self.constraint.project_(params)
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not is_logging_step(trainer) or not self.assignments:
             return
-        with torch.no_grad():
-            ws = [a.param for a in self.assignments]
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(ws)).float())
-        pl_module.log(f"weights/norm/{self.name}", norm, on_step=True, on_epoch=False)
+        pl_module.log(f"weights/norm/{self.name}", self.projection.norm(), on_step=True, on_epoch=False)

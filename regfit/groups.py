@@ -1,9 +1,13 @@
 """``regfit groups --config FILE``: which parameter gets which penalty, without training.
 
-Builds the model and the Regularization terms of a config exactly as ``regfit fit`` would,
-resolves each term's selection and scale against the model, and prints one row per
-(parameter, term) — name, shape, numel, term, penalty, effective coefficient λ·c, mode —
-then the totals per term. Parameters that no term selects are listed as ``excluded``.
+Builds the model, the optimizer and the Regularization terms of a config exactly as
+``regfit fit`` would, resolves each term's selection and scale against the model, and
+prints one row per (tensor, term) — name (with its aliases: a tied tensor is one row),
+shape, numel, term, penalty, effective coefficient λ·c, mode, and the optimizer's own
+``weight_decay`` for it — then the totals per term. Tensors that no term selects are
+listed as ``excluded``; the totals count each tensor once, as the rows do. Where the
+optimizer's own weight decay reaches tensors a term regularizes (twice) or excludes (all
+the same), a note under the table says so.
 
 It answers "is my bias decayed?", "did ``exclude: [last_layer]`` hit the head?" and
 "what does ``scale: fan`` make of λ?" before any compute is spent.
@@ -18,6 +22,9 @@ from typing import IO, Sequence
 
 from torch import nn
 
+import torch
+
+from regfit.binding import decay_report
 from regfit.modes import Mode
 from regfit.regularization import Regularization
 
@@ -37,6 +44,12 @@ class Row:
     penalty: str
     coeff: float | None  # effective λ·c
     mode: str
+    aliases: tuple[str, ...] = ()  # other names of the same tensor (tied weights)
+    weight_decay: float | None = None  # the optimizer's own, for this tensor (None: no optimizer)
+
+    @property
+    def label(self) -> str:
+        return self.name + "".join(f" (= {a})" for a in self.aliases)
 
 
 @dataclass(frozen=True)
@@ -56,31 +69,51 @@ def mode_label(mode: Mode) -> str:
     return mode.name + (f"({', '.join(f'{k}={v!r}' for k, v in extra.items())})" if extra else "")
 
 
-def parameter_table(model: nn.Module, terms: Sequence[Regularization]) -> tuple[list[Row], list[TermTotal]]:
-    """Rows (in ``named_parameters`` order) and per-term totals for a model and its terms.
+def parameter_table(model: nn.Module, terms: Sequence[Regularization],
+                    optimizers: Sequence[torch.optim.Optimizer] = ()) -> tuple[list[Row], list[TermTotal]]:
+    """Rows (one per distinct tensor and term, in ``named_parameters`` order) and per-term
+    totals for a model and its terms; with ``optimizers``, each row carries the optimizer's
+    own ``weight_decay`` for its tensor.
 
     Raises the terms' own selection errors (a glob matching nothing, …).
     """
-    by_param: dict[str, list[Row]] = {}
+    decay = {id(p): float(g.get("weight_decay", 0.0) or 0.0) for o in optimizers for g in o.param_groups for p in g["params"]}
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    by_param: dict[int, list[Row]] = {}
     totals = []
     for reg in terms:
         term = reg.term
         assignments = term.assign(model)
         mode = mode_label(term.mode)
         for a in assignments:
-            by_param.setdefault(a.name, []).append(
-                Row(a.name, tuple(a.param.shape), a.param.numel(), term.name, repr(term.penalty), term.strength * a.coeff, mode)
+            by_param.setdefault(id(a.param), []).append(
+                Row(a.name, tuple(a.param.shape), a.param.numel(), term.name, repr(term.penalty), term.strength * a.coeff,
+                    mode, a.aliases, decay.get(id(a.param)) if optimizers else None)
             )
         totals.append(TermTotal(term.name, repr(term.penalty), mode, term.strength, len(assignments),
                                 sum(a.param.numel() for a in assignments), float(term.value())))
     rows = []
-    for name, param in model.named_parameters():
-        if name in by_param:
-            rows += by_param[name]
+    for name, param in model.named_parameters():  # each tensor once, under its first name
+        if id(param) in by_param:
+            rows += by_param[id(param)]
         else:
             why = EXCLUDED if param.requires_grad else "frozen"
-            rows.append(Row(name, tuple(param.shape), param.numel(), None, why, None, "-"))
+            rows.append(Row(name, tuple(param.shape), param.numel(), None, why, None, "-", tuple(aliases[id(param)][1:]),
+                            decay.get(id(param)) if optimizers else None))
     return rows, totals
+
+
+def decay_notes(terms: Sequence[Regularization], optimizers: Sequence[torch.optim.Optimizer]) -> list[str]:
+    """What the optimizers' own weight decay does beside each term (after
+    :func:`parameter_table` assigned them), one sentence per term that it touches."""
+    notes = []
+    for reg in terms:
+        report = decay_report(reg.term, optimizers)
+        if report:
+            notes.append(report.message(", ".join(sorted({type(o).__name__ for o in optimizers}))))
+    return notes
 
 
 def _fmt_shape(shape: tuple[int, ...]) -> str:
@@ -88,14 +121,15 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
 
 
 def _cells(rows: list[Row], totals: list[TermTotal]) -> tuple[list[list[str]], list[list[str]]]:
-    body = [[r.name, _fmt_shape(r.shape), f"{r.numel:,}", r.term or "-", r.penalty,
-             "-" if r.coeff is None else f"{r.coeff:.4g}", r.mode] for r in rows]
+    body = [[r.label, _fmt_shape(r.shape), f"{r.numel:,}", r.term or "-", r.penalty,
+             "-" if r.coeff is None else f"{r.coeff:.4g}", r.mode,
+             "-" if r.weight_decay is None else f"{r.weight_decay:g}"] for r in rows]
     foot = [[t.term, t.penalty, t.mode, f"{t.strength:.4g}", str(t.tensors), f"{t.numel:,}", f"{t.value:.4g}"]
             for t in totals]
     return body, foot
 
 
-PARAM_HEADER = ["parameter", "shape", "numel", "term", "penalty", "λ·c", "mode"]
+PARAM_HEADER = ["parameter", "shape", "numel", "term", "penalty", "λ·c", "mode", "opt wd"]
 TOTAL_HEADER = ["term", "penalty", "mode", "λ", "tensors", "numel", "λ·Σc·R(w) now"]
 
 
@@ -117,13 +151,16 @@ def _plain_table(header: list[str], cells: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, cells)])
 
 
-def render(rows: list[Row], totals: list[TermTotal], file: IO[str], plain: bool = False) -> None:
-    """Write the parameter table and the per-term totals (rich table, or plain text)."""
+def render(rows: list[Row], totals: list[TermTotal], file: IO[str], plain: bool = False,
+           notes: Sequence[str] = ()) -> None:
+    """Write the parameter table, the per-term totals and any notes (rich table, or plain text)."""
     body, foot = _cells(rows, totals)
     if plain:
         file.write(_plain_table(PARAM_HEADER, body) + "\n\n")
         file.write(_plain_table(TOTAL_HEADER, foot) + "\n\n" if foot else "No Regularization terms.\n\n")
         file.write(_summary(rows) + "\n")
+        for note in notes:
+            file.write(f"\nNote: {note}\n")
         return
     from rich.console import Console
     from rich.table import Table
@@ -142,6 +179,8 @@ def render(rows: list[Row], totals: list[TermTotal], file: IO[str], plain: bool 
         totals_table.add_row(*cells)
     console.print(totals_table if foot else "No Regularization terms.")
     console.print(_summary(rows))
+    for note in notes:
+        console.print(f"[bold]Note:[/bold] {note}", markup=True, highlight=False)
 
 
 USAGE = """usage: regfit groups --config FILE [--plain] [--section.key=value ...]
@@ -167,6 +206,30 @@ def main(argv: Sequence[str]) -> int:
     args = [a for a in args if a != "--plain"]
     check_config_given("groups", args)
     cli = run_cli(args, run=False)
-    rows, totals = parameter_table(cli.model, regularizations(cli.trainer))
-    render(rows, totals, sys.stdout, plain=plain)
+    terms = regularizations(cli.trainer)
+    optimizers = _optimizers(cli.model)
+    rows, totals = parameter_table(cli.model, terms, optimizers)
+    render(rows, totals, sys.stdout, plain=plain, notes=decay_notes(terms, optimizers))
     return 0
+
+
+def _optimizers(model: nn.Module) -> list[torch.optim.Optimizer]:
+    """The optimizers the model's ``configure_optimizers`` makes (the config's ``optimizer:``
+    section under the CLI), in any of the forms Lightning accepts; none if it makes none."""
+    try:
+        made = model.configure_optimizers()
+    except Exception:  # noqa: BLE001 - the table is still useful without the optimizer's column
+        return []
+    found: list[torch.optim.Optimizer] = []
+
+    def collect(x: object) -> None:
+        if isinstance(x, torch.optim.Optimizer):
+            found.append(x)
+        elif isinstance(x, dict):
+            collect(x.get("optimizer"))
+        elif isinstance(x, (list, tuple)):
+            for item in x:
+                collect(item)
+
+    collect(made)
+    return found

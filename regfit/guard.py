@@ -35,14 +35,15 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Literal
+import math
 
 import torch
 from torch import Tensor
 
+from regfit.modes import Coupled, Decoupled
 from regfit.penalties import L1, L2, ElasticNet, GroupLasso, LHalf, Lp
 from regfit.sharding import all_ranks_agree, local
-from regfit.term import Term
+from regfit.term import OnNonFinite, Term
 
 __all__ = [
     "NonFinitePenaltyError",
@@ -50,13 +51,12 @@ __all__ = [
     "apply_guarded",
     "all_finite",
     "check_weights",
+    "check_value",
+    "stability_problem",
     "finite_for_finite_input",
 ]
 
 log = logging.getLogger(__name__)
-
-OnNonFinite = Literal["raise", "skip", "off"]
-
 
 class NonFinitePenaltyError(FloatingPointError):
     """A term produced NaN or inf; the message names the term and the parameters."""
@@ -106,15 +106,18 @@ def _targets(term: Term, group_ids: set[int] | None) -> tuple[list[str], list[Te
     return names, tensors, params
 
 
-def apply_guarded(term: Term, group_ids: set[int] | None, on_nonfinite: OnNonFinite) -> None:
-    """``term.apply(group_ids)``, rolled back and reported if it writes NaN/inf."""
+def apply_guarded(term: Term, group_ids: set[int] | None, on_nonfinite: OnNonFinite | None = None,
+                  grad_scale: float = 1.0) -> None:
+    """``term.apply(group_ids, grad_scale)``, rolled back and reported if it writes NaN/inf.
+    ``on_nonfinite`` defaults to the term's own setting."""
+    on_nonfinite = term.on_nonfinite if on_nonfinite is None else on_nonfinite
     if on_nonfinite == "off" or finite_for_finite_input(type(term.penalty)):
-        term.apply(group_ids)  # no per-step sync: see the module docstring and check_weights
+        term.apply(group_ids, grad_scale)  # no per-step sync: see the module docstring and check_weights
         return
     names, tensors, params = _targets(term, group_ids)
     with torch.no_grad():
         backup = [t.clone() for t in tensors]
-        term.apply(group_ids)
+        term.apply(group_ids, grad_scale)
         # Each rank checked its own shards; all of them undo (or keep) the update together.
         if all_ranks_agree(all_finite(tensors), params):
             return
@@ -135,18 +138,80 @@ def apply_guarded(term: Term, group_ids: set[int] | None, on_nonfinite: OnNonFin
         _diverged(term, before, on_nonfinite)
 
 
-def check_weights(term: Term, norm: Tensor, on_nonfinite: OnNonFinite) -> None:
-    """On a logging step: report weights that are already non-finite (the data step
-    diverged). ``norm`` is the term's weight norm, computed for logging anyway."""
+def check_weights(term: Term, norm: Tensor, on_nonfinite: OnNonFinite | None = None) -> None:
+    """On a logging step: report weights that are already non-finite. ``norm`` is the
+    term's weight norm, computed for logging anyway."""
+    on_nonfinite = term.on_nonfinite if on_nonfinite is None else on_nonfinite
     if on_nonfinite == "off" or bool(torch.isfinite(norm)):
         return
     bad = [a.name for a in term.assignments if not torch.isfinite(local(a.param)).all()]
     _diverged(term, bad, on_nonfinite)
 
 
+def check_value(term: Term, value: Tensor, on_nonfinite: OnNonFinite | None = None) -> None:
+    """On a logging step: a penalty value λ·Σc·R(w) that is NaN/inf. At finite weights the
+    penalty left its domain (``log(w)`` at w ≤ 0) or overflowed; at non-finite weights
+    the run diverged (see :func:`check_weights`)."""
+    on_nonfinite = term.on_nonfinite if on_nonfinite is None else on_nonfinite
+    if on_nonfinite == "off" or bool(torch.isfinite(value)):
+        return
+    bad = [a.name for a in term.assignments if not torch.isfinite(local(a.param)).all()]
+    if bad:
+        _diverged(term, bad, on_nonfinite)
+        return
+    msg = (f"Term {term.name!r} ({term.penalty!r}, λ={term.strength_now():g}): its penalty value is {float(value)} at "
+           "finite weights, so the logged penalty and train/loss are not numbers. The penalty leaves its domain "
+           "(e.g. log or sqrt of w ≤ 0) or overflows: check value(w) for the weights it sees.")
+    if on_nonfinite == "raise":
+        raise NonFinitePenaltyError(msg + " Pass on_nonfinite='skip' to warn and train on.")
+    log.warning(msg)
+
+
+def stability_problem(term: Term) -> str | None:
+    """Why the term's *own* update would blow the weights up at the current λ and lr, or
+    None: a decoupled factor 1 − η·λ·c ≤ 0 (every step flips or zeroes the weights), a
+    coupled ``L2`` on plain SGD with η·λ·c > 2(1 + momentum) (w ← w(1 − η·λ·c) grows
+    geometrically), or a coupled gradient λ·c·w whose square overflows the weights' dtype
+    in Adam's second moment (the weights stop moving)."""
+    strength = term.strength_now()
+    for bucket in term.buckets:
+        lam = strength * bucket.coeff
+        if not lam or not bucket.params:
+            continue
+        where = f"{bucket.names[0]}{' and others' if len(bucket.names) > 1 else ''}"
+        if isinstance(term.mode, Decoupled) and type(term.mode) is Decoupled:
+            a = term.mode.step_size(bucket) * lam
+            if a >= 1:
+                return (f"its decoupled step η·λ·c = {a:.3g} ≥ 1 on {where}: w ← w·(1 − η·λ·c) flips or zeroes the "
+                        "weights every step. Lower the strength or the learning rate so that lr·λ·c < 1 "
+                        "(typically ≤ 0.01).")
+        if isinstance(term.mode, Coupled) and isinstance(term.penalty, L2):
+            group = bucket.group
+            if "betas" in group:  # Adam-like: g² in the second moment
+                big = max(float(local(p).detach().abs().max()) for p in bucket.params if local(p).numel())
+                limit = torch.finfo(bucket.params[0].dtype).max if bucket.params[0].is_floating_point() else math.inf
+                if (lam * big) ** 2 >= limit:
+                    return (f"its coupled gradient λ·c·w reaches {lam * big:.3g} on {where}, whose square overflows "
+                            f"{bucket.params[0].dtype} in the optimizer's second moment: the weights would stop moving. "
+                            "Lower the strength.")
+            else:
+                a = bucket.lr * lam
+                momentum = float(group.get("momentum", 0.0) or 0.0)
+                if a > 2 * (1 + momentum):
+                    return (f"with lr = {bucket.lr:g}, λ·c = {lam:.3g} on {where}, the coupled step w ← w·(1 − lr·λ·c) "
+                            f"has |1 − lr·λ·c| = {abs(1 - a):.3g} > 1 (momentum {momentum:g}): the weights grow "
+                            "without bound whatever the data. Lower the strength or the learning rate.")
+    return None
+
+
 def _diverged(term: Term, names: list[str], on_nonfinite: OnNonFinite) -> None:
-    msg = (f"Term {term.name!r}: the weights of {_names(names)} were already non-finite before the term was "
-           "applied: the data step diverged (lower the learning rate, clip gradients, or check the loss).")
+    cause = stability_problem(term)
+    if cause:
+        msg = (f"Term {term.name!r}: the weights of {_names(names)} are non-finite, and the term itself is the cause: "
+               f"{cause}")
+    else:
+        msg = (f"Term {term.name!r}: the weights of {_names(names)} were already non-finite before the term was "
+               "applied: the data step diverged (lower the learning rate, clip gradients, or check the loss).")
     if on_nonfinite == "raise":
         raise NonFinitePenaltyError(msg)
     log.warning(msg)

@@ -21,7 +21,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from regfit.binding import check_distinct_names
+from regfit.callback import check_distinct_names
 from regfit.module import RegModule
 from regfit.regularization import Regularization
 from regfit.wandb_setup import configure_wandb

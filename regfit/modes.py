@@ -44,7 +44,9 @@ class Bucket:
 
     ``group`` is the optimizer's live param-group dict, so the current learning rate is
     read at every step; ``initial_lr`` and ``max_lr`` are what the decoupled step-size
-    variants need.
+    variants need. ``out_dim`` 1 means the kernels get each tensor (and gradient)
+    transposed, its output units first (HF ``Conv1D``, transposed convs), for penalties
+    that act on rows.
     """
 
     params: list[Tensor]
@@ -53,6 +55,7 @@ class Bucket:
     initial_lr: float = 0.0
     max_lr: float = 0.0
     names: list[str] = field(default_factory=list)
+    out_dim: int = 0
     #: scratch space a mode may keep between ``prepare`` and ``apply`` of one step
     state: dict[str, Any] = field(default_factory=dict, repr=False)
     _sharded: bool | None = field(default=None, init=False, repr=False, compare=False)
@@ -85,7 +88,9 @@ class Bucket:
                 params.append(p)
                 grads.append(g)
         if self._has_shards():
-            return [local(p) for p in params], [local(g) for g in grads]
+            params, grads = [local(p) for p in params], [local(g) for g in grads]
+        if self.out_dim:  # views: the kernels' in-place writes reach the parameter
+            return [p.transpose(0, 1) for p in params], [g.transpose(0, 1) for g in grads]
         return params, grads
 
     def _has_shards(self) -> bool:
@@ -108,6 +113,11 @@ class Mode(Hyperparams):
     def prepare(self, penalty: Penalty, bucket: Bucket) -> None:
         """Called before the optimizer update of every real step (after backward), for a
         mode that needs the pre-update weights; the default does nothing."""
+
+    @property
+    def prepares(self) -> bool:
+        """Whether this mode defines :meth:`prepare` (the step engine skips it otherwise)."""
+        return type(self).prepare is not Mode.prepare
 
     def step_size(self, bucket: Bucket) -> float:
         """η in the update formula (1 for coupled: the optimizer supplies the step)."""

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 import torch
 from torch import Tensor, nn
 
-from regfit.regularization import is_logging_step, regularizations
+from regfit.regularization import regularizations
 from regfit.selection import last_parametrized_module
 
 __all__ = ["RegModule"]
@@ -38,15 +38,17 @@ class RegModule(pl.LightningModule):
     ``val/data_loss``) and ``configure_optimizers`` (LightningCLI supplies one from the
     ``optimizer:`` section). Logged metrics:
 
-    * ``train/data_loss`` (each step) and ``train/data_loss_epoch`` (epoch mean), ``train/penalty``, ``train/loss`` (= data +
-      penalty) and ``train/penalty/<term>`` on logging steps;
-    * ``train/penalty_epoch`` and ``train/penalty_epoch/<term>``: their means over the
-      logging steps of each epoch;
-    * ``val/data_loss`` (epoch, synchronized across processes).
+    * ``train/data_loss`` (each step) and ``train/data_loss_epoch`` (epoch mean);
+    * ``val/data_loss`` (epoch, synchronized across processes);
+    * and, from the :class:`~regfit.Regularization` callbacks, ``train/penalty``,
+      ``train/loss`` (= data + penalty), ``train/penalty/<term>`` on logging steps and
+      their epoch means ``train/penalty_epoch``, ``train/penalty_epoch/<term>`` — also when
+      you override ``training_step``.
 
-    If you override ``training_step``, call :meth:`log_penalty` with the data loss to keep
-    the penalty curves; if you override ``on_train_epoch_start`` or ``on_train_epoch_end``,
-    call ``super()`` to keep ``train/data_loss_epoch``.
+    A ``training_step`` of your own may call :meth:`log_penalty` with its data loss so that
+    ``train/loss`` adds the penalty to exactly that (otherwise the loss the step returns is
+    used); if you override ``on_train_epoch_start`` or ``on_train_epoch_end``, call
+    ``super()`` to keep ``train/data_loss_epoch``.
     """
 
     def data_loss(self, batch: Any) -> Tensor:
@@ -62,14 +64,23 @@ class RegModule(pl.LightningModule):
         """:meth:`data_loss`, refused unless it is one number as a tensor (what the logs,
         the epoch mean and backward need)."""
         loss = self.data_loss(batch)
-        if not isinstance(loss, Tensor) or loss.ndim != 0:
-            got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else f"{type(loss).__name__} {loss!r}"
+        if isinstance(loss, Tensor) and loss.ndim == 0:
+            return loss
+        if isinstance(loss, Tensor):
+            got = f"a tensor of shape {tuple(loss.shape)}"
+        elif isinstance(getattr(loss, "loss", None), Tensor):  # a Hugging Face ModelOutput
             raise ValueError(
-                f"{type(self).__name__}.data_loss(batch) must return a 0-d tensor (the batch's mean loss, with its "
-                f"graph), got {got}. Return e.g. F.cross_entropy(logits, y) — not loss.item(), and with "
-                "reduction='mean' rather than a loss per sample."
+                f"{type(self).__name__}.data_loss(batch) returned a {type(loss).__name__} (a model's whole output); "
+                "return its loss: `return self.model(**batch).loss` (pass labels so that the model computes it)."
             )
-        return loss
+        else:
+            shown = repr(loss) if isinstance(loss, (int, float, str, type(None))) else "…"
+            got = f"{type(loss).__name__} {shown[:80]}"
+        raise ValueError(
+            f"{type(self).__name__}.data_loss(batch) must return a 0-d tensor (the batch's mean loss, with its "
+            f"graph), got {got}. Return e.g. F.cross_entropy(logits, y) — not loss.item(), and with "
+            "reduction='mean' rather than a loss per sample."
+        )
 
     # ---- steps --------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -97,27 +108,11 @@ class RegModule(pl.LightningModule):
         return {cb.name: cb.penalty_value() for cb in regularizations(self._trainer)}
 
     def log_penalty(self, data_loss: Tensor) -> None:
-        """Log ``train/penalty``, ``train/loss`` and ``train/penalty/<term>``.
-
-        Computed only on steps whose metrics reach the loggers: the value is not needed
-        for the gradient (the callbacks inject that in closed form), so other steps pay
-        nothing for it.
-        """
-        if self._trainer is None or not is_logging_step(self.trainer):
-            return
-        values = self.penalty_values()
-        total = torch.stack(list(values.values())).sum() if values else torch.zeros((), device=data_loss.device)
-        total = total.to(data_loss.device)
-        self.log("train/penalty", total, on_step=True, on_epoch=False)
-        # Epoch means over the logging steps, next to train/data_loss_epoch (no extra cost).
-        self.log("train/penalty_epoch", total, on_step=False, on_epoch=True)
-        # at least float32 (a bf16 loss is upcast), and float64 stays float64
-        data = data_loss.detach().to(torch.promote_types(data_loss.dtype, torch.float32))
-        self.log("train/loss", data + total, on_step=True, on_epoch=False)
-        for name, value in values.items():
-            value = value.to(data_loss.device)
-            self.log(f"train/penalty/{name}", value, on_step=True, on_epoch=False)
-            self.log(f"train/penalty_epoch/{name}", value, on_step=False, on_epoch=True)
+        """Say which data loss ``train/loss`` (= data loss + penalty) adds the penalty to in
+        this batch. The :class:`~regfit.Regularization` callbacks log the penalties on the
+        steps whose metrics reach the loggers (the value is not needed for the gradient,
+        which they inject in closed form, so other steps pay nothing for it)."""
+        self._regfit_data_loss = data_loss.detach()
 
     # ---- the epoch mean of the data loss --------------------------------------------------
     # Kept as a running Σ n·loss on the device (and Σ n as a Python int) rather than a
@@ -148,11 +143,4 @@ class RegModule(pl.LightningModule):
         self._data_loss_sum = None
         pair = self.trainer.strategy.reduce(pair, reduce_op="sum")
         self.log("train/data_loss_epoch", pair[0] / pair[1], on_step=False, on_epoch=True)
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        # Clip the data gradient, then add the coupled penalty gradients: the same order as
-        # torch's weight_decay, which is added inside optimizer.step after any clipping.
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        for cb in regularizations(self._trainer):
-            cb.after_gradient_clipping(optimizer)
 

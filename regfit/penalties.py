@@ -373,23 +373,51 @@ class LHalf(Lp):
 
 class GroupLasso(Penalty):
     """Group lasso :math:`R(w) = \\sum_g \\sqrt{|g|}\\,\\lVert w_g \\rVert_2`, one group per
-    slice along dim 0: a row (output unit) of a Linear weight, an output filter of a Conv.
+    output unit (``dim=0``: a row of a Linear weight, an output filter of a Conv) or per
+    input feature (``dim=1``: a column of a Linear weight, an input channel of a Conv — the
+    feature-selection / MultiTaskLasso case).
 
-    Its prox is block soft-thresholding, which removes whole units/filters. A 1-d tensor
-    (a bias) has groups of size 1, so there it acts as L1. Yuan & Lin (2006).
+    Its prox is block soft-thresholding, which removes whole units (or inputs). A 1-d
+    tensor (a bias) has groups of size 1, so there it acts as L1. Weights stored (in, out)
+    — HF ``Conv1D``, transposed convs — are seen with their output units first, so
+    ``dim=0`` means output units there too. Yuan & Lin (2006).
+
+    >>> w = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    >>> GroupLasso().value(w), GroupLasso(dim=1).value(w)  # √2·(5 + 0), √2·(3 + 4)
+    (tensor(7.0711), tensor(9.8995))
+    >>> GroupLasso(dim=1).prox(torch.tensor([[3.0, 0.1], [4.0, 0.1]]), 0.2)  # the 2nd input goes
+    tensor([[2.8303, 0.0000],
+            [3.7737, 0.0000]])
+
+    Args:
+        dim: 0 for a group per output unit, 1 for a group per input feature.
     """
 
     name = "grouplasso"
-    shard_dims = (0,)  # groups are rows: a shard of whole rows holds whole groups
+
+    def __init__(self, dim: int = 0) -> None:
+        if dim not in (0, 1) or isinstance(dim, bool):
+            raise ValueError(f"GroupLasso(dim={dim!r}): use 0 (a group per output unit) or 1 (a group per input feature).")
+        self.dim = dim
+
+    @property
+    def shard_dims(self) -> tuple[int, ...]:  # type: ignore[override]
+        return (self.dim,)  # a shard of whole groups holds whole groups
+
+    def __repr__(self) -> str:  # GroupLasso() as before dim existed: checkpoints compare reprs
+        return "GroupLasso()" if self.dim == 0 else f"GroupLasso(dim={self.dim})"
+
+    def _groups_first(self, w: Tensor) -> Tensor:
+        return w.transpose(0, 1) if self.dim and w.ndim >= 2 else w
 
     def value(self, w: Tensor) -> Tensor:
-        return F.group_lasso_value(w)
+        return F.group_lasso_value(self._groups_first(w))
 
     def grad(self, w: Tensor) -> Tensor:
-        return F.group_lasso_grad(w)
+        return self._groups_first(F.group_lasso_grad(self._groups_first(w)))
 
     def prox(self, w: Tensor, t: float) -> Tensor:
-        return F.block_soft_threshold(w, t)
+        return self._groups_first(F.block_soft_threshold(self._groups_first(w), t))
 
 
 def _matrix(w: Tensor) -> Tensor:

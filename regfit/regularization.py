@@ -1,33 +1,25 @@
-"""The ``Regularization`` callback: owns one term and applies it at the right moment.
+"""The ``Regularization`` callback: one term, selected at setup, run by the step engine.
 
-Where each mode runs in Lightning's step (automatic optimization)::
-
-    closure: forward → backward            (inside optimizer.step, or before it under AMP)
-    on_before_optimizer_step               ← decoupled decay (grads unscaled, weights unchanged)
-    configure_gradient_clipping            ← coupled gradient, after clipping (RegModule)
-    optimizer update
-    optimizer step post-hook               ← proximal step, cautious decay (never fires for a
-                                             skipped AMP step)
-
-Coupled gradients are added *after* clipping, as torch's own ``weight_decay`` is (it is
-added inside ``optimizer.step``, after any clipping), so ``coupled L2`` with clipping still
-equals ``SGD(weight_decay=λ)``. With a model that is not a :class:`~regfit.RegModule` (or
-under manual optimization) there is no after-clip hook, so the gradient is added in
-``on_before_optimizer_step``.
-
-Under a GradScaler (``16-mixed``), the decoupled decay is deferred to an optimizer step
-pre-hook, which the scaler calls only when the step is really taken: a skipped step
-applies no decay and no prox.
+Where each mode acts in a step is the step engine's business (:mod:`regfit.engine`): it
+hangs on the optimizers' own step hooks, so it runs after backward *and* after gradient
+clipping — whatever the module's ``configure_gradient_clipping`` does, for a plain
+``LightningModule`` as for a :class:`~regfit.RegModule`, under automatic and manual
+optimization — and not at all for a step a GradScaler skips. This callback selects and
+binds the term (:mod:`regfit.callback`), sets the step the strength schedule reads, logs
+the term, and keeps its state in checkpoints.
 
 Under DDP every rank applies the term to its own replica after the gradients are
-averaged (``on_before_optimizer_step`` runs after the all-reduce), so the replicas stay
-identical and the term adds no collective communication of its own. Under FSDP2 /
+averaged (the engine acts after backward's all-reduce), so the replicas stay identical
+and the term adds no collective communication of its own. Under FSDP2 /
 ``ModelParallelStrategy`` every rank applies it to its own shards; only the logged values
 are summed over ranks, on logging steps (:mod:`regfit.sharding`).
 
-Selection and binding to the optimizers' param groups (again after a resume replaced
-them) follow :mod:`regfit.binding`, shared with :class:`~regfit.constrain.Constrain`; the
-term's state from a checkpoint is applied in ``on_train_start``, once the binding is live.
+Logging, on the steps whose metrics reach the loggers only: the term's penalty value is
+computed at the start of the batch (the weights the data loss sees), its weight norm,
+sparsity and strength at the end. The first ``Regularization`` of the trainer logs the
+totals for all terms: ``train/penalty``, ``train/loss`` (= data loss + penalty),
+``train/penalty/<term>`` and their epoch means — also for a module whose own
+``training_step`` logs nothing of it.
 """
 
 from __future__ import annotations
@@ -39,14 +31,15 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from regfit.binding import BoundCallback
-from regfit.guard import OnNonFinite, apply_guarded, check_weights
-from regfit.modes import Bucket, Mode, ModeSpec, resolve_mode
+from regfit.binding import decay_report
+from regfit.callback import BoundCallback, is_logging_step
+from regfit.guard import check_value, check_weights, stability_problem
+from regfit.modes import ModeSpec, resolve_mode
 from regfit.penalties import Penalty, resolve_penalty
 from regfit.scaling import ScaleRule
 from regfit.schedules import Schedule
 from regfit.selection import Selector
-from regfit.term import Assignment, Override, Term
+from regfit.term import OnNonFinite, Override, Term
 
 __all__ = ["Regularization", "regularizations", "is_logging_step"]
 
@@ -67,8 +60,7 @@ class Regularization(BoundCallback):
         scale: per-tensor multiplier of λ: ``none``, ``numel``, ``fan`` or a callable.
         name: the term's name in logs (``train/penalty/<name>``); defaults to the
             penalty's short name. Two terms in one run need different names: the name
-            keys their logs and checkpoint state (Lightning refuses two callbacks with one
-            ``state_key``).
+            keys their logs and checkpoint state (two with one name are an error at setup).
         schedule: a :mod:`regfit.schedules` object making λ a function of the step,
             λ_t = λ·m(t) with t = ``trainer.global_step`` (so it resumes where it stopped);
             logged as ``train/strength/<name>``. Default: constant λ.
@@ -81,7 +73,11 @@ class Regularization(BoundCallback):
             and stops with an error naming the term and parameters; ``skip`` undoes it,
             warns, and trains on; ``off`` does not check. Built-in penalties are checked
             on logging steps only (their updates are finite for finite weights); your
-            own penalties every step, at a copy, a reduction and a host sync.
+            own penalties every step, at a copy, a reduction and a host sync. The penalty
+            value is checked on logging steps too.
+
+    ``strength`` can be set on the callback mid-run (``reg.strength = 5e-4``, e.g. from
+    another callback); it is validated, logged and saved in checkpoints.
 
     Example::
 
@@ -106,9 +102,6 @@ class Regularization(BoundCallback):
         overrides: Sequence[Override] = (),
         on_nonfinite: OnNonFinite = "raise",
     ) -> None:
-        if on_nonfinite not in ("raise", "skip", "off"):
-            raise ValueError(f"on_nonfinite={on_nonfinite!r}: use 'raise', 'skip' or 'off'.")
-        self.on_nonfinite = on_nonfinite
         penalty = resolve_penalty(penalty)
         super().__init__(penalty.name if name is None else name)
         self.term = Term(
@@ -120,41 +113,46 @@ class Regularization(BoundCallback):
             name=self.name,
             schedule=schedule,
             overrides=overrides,
+            on_nonfinite=on_nonfinite,
         )
-        self._armed: set[int] = set()
+        self.bound = self.term
+        self._initial_strength = self.term.strength  # the strength the run was configured with
         self._loaded_state: dict[str, Any] | None = None
-
-    # The term holds what BoundCallback selects and binds.
-    @property
-    def assignments(self) -> list[Assignment]:
-        return self.term.assignments
+        self._pending: torch.Tensor | None = None  # this batch's penalty value, to be logged
 
     @property
-    def buckets(self) -> list[Bucket]:
-        return self.term.buckets
+    def strength(self) -> float:
+        """λ now (before any schedule). Set it mid-run to change λ from the next step on: it
+        is checked like the constructor's, logged as ``train/strength/<name>`` and saved in
+        checkpoints (a resumed run continues with it)."""
+        return self.term.strength
 
-    @buckets.setter
-    def buckets(self, buckets: list[Bucket]) -> None:
-        self.term.buckets = buckets
+    @strength.setter
+    def strength(self, value: float) -> None:
+        self.term.strength = value
+
+    @property
+    def on_nonfinite(self) -> OnNonFinite:
+        return self.term.on_nonfinite
 
     def __repr__(self) -> str:
-        t = self.term
-        return (
-            f"Regularization({t.penalty!r}, strength={t.strength!r}, mode={t.mode!r}, "
-            f"include={list(t.selector.include)}, exclude={list(t.selector.exclude)}, scale={t.scale!r}, name={t.name!r}"
-            + (f", schedule={t.schedule!r}" if t.schedule is not None else "")
-            + (f", overrides={list(t.overrides)!r}" if t.overrides else "")
-            + ")"
-        )
+        settings = self.term.settings()
+        defaults = {"schedule": None, "overrides": [], "on_nonfinite": "raise"}
+        args = [repr(settings.pop("penalty"))] + [f"{k}={v!r}" for k, v in settings.items()
+                                                   if not (k in defaults and v == defaults[k])]
+        return f"Regularization({', '.join(args)})"
 
-    # ---- resolution (selection and binding: BoundCallback) ---------------------------------
-    def select(self, pl_module: pl.LightningModule) -> None:
-        self.term.assign(pl_module)
-
+    # ---- fit start ------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        self._scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self._defer_coupled = isinstance(pl_module, _reg_module_type()) and pl_module.automatic_optimization
+        problem = stability_problem(self.term)
+        if problem:
+            raise ValueError(f"Term {self.name!r} ({self.term.penalty!r}, {self.term.mode.name}, λ={self.term.strength:g}): "
+                             f"{problem}")
+        report = decay_report(self.term, trainer.optimizers)
+        if report:
+            names = ", ".join(sorted({type(o).__name__ for o in trainer.optimizers}))
+            rank_zero_warn(report.message(names))
         n = sum(a.param.numel() for a in self.assignments)
         log.info("Term %r: %s, λ=%g, %s on %d tensors (%d weights).", self.name, self.term.penalty,
                  self.term.strength, self.term.mode, len(self.assignments), n)
@@ -165,48 +163,17 @@ class Regularization(BoundCallback):
             self._restore(self._loaded_state)
             self._loaded_state = None
 
+    # ---- each batch --------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         # Steps already taken (restored on resume): what the strength schedule reads.
         self.term.step = trainer.global_step
+        # The penalty at the weights this batch's data loss sees (logging steps only).
+        self._pending = None
+        if is_logging_step(trainer):
+            self._pending = self.penalty_value()
+            check_value(self.term, self._pending)
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)
-        self._armed.clear()
-
-    # ---- the step -----------------------------------------------------------------------
-    def _run(self, phase: str, optimizer: torch.optim.Optimizer) -> None:
-        # A mode that acts after the update may need w_t (one that defines prepare).
-        prepares = phase == "pre_update" and type(self.term.mode).prepare is not Mode.prepare
-        if not prepares and self.term.mode.phase != phase:
-            return
-        group_ids = {id(g) for g in optimizer.param_groups}
-        if prepares:
-            self.term.prepare(group_ids)
-        if self.term.mode.phase == phase:
-            apply_guarded(self.term, group_ids, self.on_nonfinite)
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if not self._defer_coupled:
-            self._run("gradient", optimizer)
-        if self._scaler is None:
-            self._run("pre_update", optimizer)
-        else:
-            self._armed.add(id(optimizer))
-
-    def after_gradient_clipping(self, optimizer: torch.optim.Optimizer) -> None:
-        """Called by :class:`~regfit.RegModule` once gradients are clipped."""
-        if self._defer_coupled:
-            self._run("gradient", optimizer)
-
-    def _pre_step(self, optimizer, args, kwargs) -> None:
-        if id(optimizer) in self._armed:
-            self._armed.discard(id(optimizer))
-            self._run("pre_update", optimizer)
-
-    def _post_step(self, optimizer, args, kwargs) -> None:
-        self._run("post_update", optimizer)
-
-    # ---- logging ------------------------------------------------------------------------
     def penalty_value(self) -> torch.Tensor:
         """This term's λ·Σ c·R(w) at the current weights (no graph)."""
         return self.term.value()
@@ -215,29 +182,48 @@ class Regularization(BoundCallback):
         if not is_logging_step(trainer):
             return
         norm, sparsity = self.term.weight_stats()
-        check_weights(self.term, norm, self.on_nonfinite)
+        check_weights(self.term, norm)
         pl_module.log(f"weights/norm/{self.name}", norm, on_step=True, on_epoch=False)
         pl_module.log(f"weights/sparsity/{self.name}", sparsity, on_step=True, on_epoch=False)
         pl_module.log(f"train/strength/{self.name}", float(self.term.strength_now()), on_step=True, on_epoch=False)
-        if not isinstance(pl_module, _reg_module_type()):
-            pl_module.log(f"train/penalty/{self.name}", self.penalty_value(), on_step=True, on_epoch=False)
+        terms = regularizations(trainer)
+        if terms and terms[0] is self:  # the first term logs the totals of all
+            _log_penalties(trainer, pl_module, outputs, terms)
 
     # ---- checkpoint ---------------------------------------------------------------------
     def config(self) -> dict[str, str]:
         """The term's settings as strings, saved in checkpoints to detect a changed config."""
-        t = self.term
-        return {"penalty": repr(t.penalty), "strength": repr(t.strength), "mode": repr(t.mode),
-                "include": repr(list(t.selector.include)), "exclude": repr(list(t.selector.exclude)),
-                "scale": repr(t.scale), "name": repr(t.name), "schedule": repr(t.schedule),
-                "overrides": repr(list(t.overrides))}
+        settings = self.term.settings()
+        settings["strength"] = self._initial_strength  # a mid-run change is state, not config
+        return {k: repr(v) for k, v in settings.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        # max_lr: the largest lr seen per bucket, which Decoupled(step="corrected") divides by.
-        return {"config": self.config(), "max_lr": [b.max_lr for b in self.term.buckets]}
+        # max_lr: the largest lr seen per bucket, which Decoupled(step="corrected") divides by;
+        # strength: λ now, which a mid-run change may have moved from the configured one.
+        return {"config": self.config(), "max_lr": [b.max_lr for b in self.term.buckets],
+                "strength": self.term.strength}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Applied in on_train_start, once the buckets exist (they need the restored optimizers).
         self._loaded_state = dict(state_dict)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # The first term looks for term states that no term of this run takes (a renamed
+        # term, a changed penalty that changed the default name): said, not dropped silently.
+        terms = regularizations(trainer)
+        if not terms or terms[0] is not self:
+            return
+        keys = {cb.state_key for cb in trainer.callbacks}
+        for key, state in (checkpoint.get("callbacks") or {}).items():
+            if key.startswith("Regularization{") and key not in keys and isinstance(state, dict):
+                saved = state.get("config") or {}
+                rank_zero_warn(
+                    f"The checkpoint holds the state of a term named {saved.get('name', key)} "
+                    f"({saved.get('penalty', '?')}, mode {saved.get('mode', '?')}, strength {saved.get('strength', '?')}) "
+                    f"that no term of this run has (this run's terms: {', '.join(repr(t.name) for t in terms)}); its "
+                    "state is not restored. If you renamed the term or changed its penalty, give it the old name "
+                    f"(name={saved.get('name', '...')}) to resume it."
+                )
 
     def _restore(self, state: dict[str, Any]) -> None:
         # The strength schedule needs no state: it reads trainer.global_step, restored by Lightning.
@@ -247,6 +233,9 @@ class Regularization(BoundCallback):
                 f"Term {self.name!r}: the checkpoint was trained with a different regularization config; "
                 f"resuming with the current one. Changed: {'; '.join(changes)}."
             )
+        saved = state.get("strength")
+        if saved is not None and not any(c.startswith("strength:") for c in changes):
+            self.term.strength = saved  # changed mid-run before the checkpoint: continue with it
         max_lr = state.get("max_lr", [])
         if len(max_lr) == len(self.term.buckets):
             for bucket, value in zip(self.term.buckets, max_lr):
@@ -264,21 +253,44 @@ def _config_changes(saved: dict[str, str] | None, current: dict[str, str]) -> li
     return [f"{k}: {saved.get(k, '(absent)')} → {current.get(k, '(absent)')}" for k in keys if saved.get(k) != current.get(k)]
 
 
-def regularizations(trainer: pl.Trainer | None) -> list[Regularization]:
+def regularizations(trainer: pl.Trainer | None) -> list["Regularization"]:
     """The Regularization callbacks of a trainer (empty without one)."""
     if trainer is None:
         return []
     return [cb for cb in trainer.callbacks if isinstance(cb, Regularization)]
 
 
-def is_logging_step(trainer: pl.Trainer) -> bool:
-    """Whether Lightning writes step metrics to the loggers at this step."""
-    if not trainer.loggers:
-        return False
-    return bool(trainer._logger_connector.should_update_logs)
+def _log_penalties(trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                   terms: Sequence[Regularization]) -> None:
+    """``train/penalty/<term>``, ``train/penalty``, ``train/loss`` and their epoch means,
+    from the values the terms computed at the start of the batch."""
+    values = {t.name: t._pending for t in terms if t._pending is not None}
+    data = _data_loss(trainer, pl_module, outputs)
+    device = data.device if data is not None else None
+    for name, value in values.items():
+        value = value.to(device) if device is not None else value
+        pl_module.log(f"train/penalty/{name}", value, on_step=True, on_epoch=False)
+        pl_module.log(f"train/penalty_epoch/{name}", value, on_step=False, on_epoch=True)
+    if not values:
+        return
+    total = torch.stack([v.to(device) if device is not None else v for v in values.values()]).sum()
+    pl_module.log("train/penalty", total, on_step=True, on_epoch=False)
+    # Epoch means over the logging steps, next to train/data_loss_epoch (no extra cost).
+    pl_module.log("train/penalty_epoch", total, on_step=False, on_epoch=True)
+    if data is not None:
+        # at least float32 (a bf16 loss is upcast), and float64 stays float64
+        data = data.detach().to(torch.promote_types(data.dtype, torch.float32))
+        pl_module.log("train/loss", data + total, on_step=True, on_epoch=False)
 
 
-def _reg_module_type() -> type:
-    from regfit.module import RegModule  # the module imports this file
-
-    return RegModule
+def _data_loss(trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> torch.Tensor | None:
+    """This batch's data loss: what a RegModule recorded, else the training step's loss
+    (which Lightning divides by accumulate_grad_batches under automatic optimization)."""
+    recorded = getattr(pl_module, "_regfit_data_loss", None)
+    if recorded is not None:
+        pl_module._regfit_data_loss = None
+        return recorded
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        return None
+    return loss.detach() * trainer.accumulate_grad_batches if pl_module.automatic_optimization else loss.detach()

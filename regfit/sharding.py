@@ -67,6 +67,12 @@ def check_shardable(term: str, penalty, assignments) -> None:
             )
         dims = {p.dim for p in a.param.placements if p.is_shard()}
         allowed = penalty.shard_dims
+        if getattr(a, "out_dim", 0) and allowed != "any":
+            raise NotImplementedError(
+                f"Term {term!r}: {a.name} is sharded and stores its output units along dim 1 (HF Conv1D or a "
+                f"transposed conv); {type(penalty).__name__} acts on output units, which regfit does not do shard "
+                "by shard for such a layout. Exclude it (exclude=[...]) or train with --trainer.strategy=ddp."
+            )
         if allowed != "any" and not dims <= set(allowed):
             why = ("is not a sum over entries or rows: its value and updates need the whole tensor"
                    if not allowed else f"is exact on shards of dims {tuple(allowed)} only")

@@ -1,20 +1,22 @@
 """A term: one penalty with its strength, selection, scale and mode.
 
 The term's contribution to the objective is ``λ · Σ_i c(w_i) · R(w_i)`` over the
-selected tensors ``w_i``. Resolving a term against a model and its optimizers yields
+selected tensors ``w_i`` (each tensor once, whatever its number of names). Resolving a
+term against a model and its optimizers (:class:`~regfit.binding.Bound`) yields
 :class:`~regfit.modes.Bucket` s, one per (param group, coefficient), which the mode
-updates with one vectorized call each.
+updates with one vectorized call each; :mod:`regfit.engine` runs them in each step.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from regfit.binding import Assignment, Bound
 from regfit.hyperparams import is_number
 from regfit.modes import Bucket, Mode, Proximal
 from regfit.penalties import Penalty
@@ -23,7 +25,10 @@ from regfit.schedules import Schedule
 from regfit.selection import ParamInfo, Selector
 from regfit.sharding import check_shardable, is_sharded, shard_sum
 
-__all__ = ["Term", "Assignment", "Override", "validate_strength", "bucket_by_group"]
+__all__ = ["Term", "Assignment", "Override", "OnNonFinite", "validate_strength"]
+
+#: what a term does when its update would write NaN/inf (see :mod:`regfit.guard`)
+OnNonFinite = Literal["raise", "skip", "off"]
 
 
 def validate_strength(strength: float, where: str = "strength") -> float:
@@ -63,51 +68,18 @@ class Override:
         self.selector = Selector(include=self.include, exclude=self.exclude)
 
 
-def bucket_by_group(
-    assignments: Sequence["Assignment"], optimizers: Sequence[torch.optim.Optimizer]
-) -> tuple[list[Bucket], list[str]]:
-    """Group assignments into buckets of (optimizer param group, coefficient).
-
-    Returns the buckets and the names of assigned parameters that no optimizer updates.
-    """
-    where: dict[int, dict] = {}
-    for opt in optimizers:
-        for group in opt.param_groups:
-            for p in group["params"]:
-                where[id(p)] = group
-    buckets: dict[tuple[int, float], Bucket] = {}
-    orphans = []
-    for a in assignments:
-        group = where.get(id(a.param))
-        if group is None:
-            orphans.append(a.name)
-            continue
-        key = (id(group), a.coeff)
-        if key not in buckets:
-            lr0 = float(group.get("initial_lr", group.get("lr", 0.0)))
-            buckets[key] = Bucket([], a.coeff, group, initial_lr=lr0, max_lr=lr0)
-        buckets[key].params.append(a.param)
-        buckets[key].names.append(a.name)
-    return list(buckets.values()), orphans
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """One selected parameter of a term, as ``regfit groups`` shows it."""
-
-    name: str
-    param: Tensor
-    coeff: float  # c(w): multiply by the strength λ for the effective coefficient
-
-
-@dataclass
-class Term:
+@dataclass(eq=False)
+class Term(Bound):
     """(penalty, strength λ, selector, scale, mode, name), plus an optional strength
-    schedule and per-selector overrides.
+    schedule, per-selector overrides and what to do with a non-finite update.
 
-    ``step`` is the number of optimizer steps taken so far; the callback sets it at the
-    start of every batch from ``trainer.global_step``, and the schedule reads it.
+    ``strength`` is checked whenever it is set (also mid-run: ``term.strength = 5e-4``).
+    ``step`` is the number of optimizer steps taken so far, which the schedule reads: the
+    Lightning callback sets it from ``trainer.global_step`` at every batch, and
+    :func:`regfit.attach` counts real steps.
     """
+
+    kind = "Term"
 
     penalty: Penalty
     strength: float
@@ -117,12 +89,18 @@ class Term:
     name: str
     schedule: Schedule | None = None
     overrides: Sequence[Override] = ()
+    on_nonfinite: OnNonFinite = "raise"
     step: int = 0
-    buckets: list[Bucket] = field(default_factory=list, repr=False)
-    assignments: list[Assignment] = field(default_factory=list, repr=False)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key == "strength":
+            value = validate_strength(value)
+        object.__setattr__(self, key, value)
 
     def __post_init__(self) -> None:
-        self.strength = validate_strength(self.strength)
+        self._init_binding()
+        if self.on_nonfinite not in ("raise", "skip", "off"):
+            raise ValueError(f"on_nonfinite={self.on_nonfinite!r}: use 'raise', 'skip' or 'off'.")
         if isinstance(self.mode, Proximal) and type(self.penalty).prox is Penalty.prox:
             raise ValueError(
                 f"Term {self.name!r}: {type(self.penalty).__name__} defines no prox(w, t), so "
@@ -147,47 +125,51 @@ class Term:
                     "{include: [...], exclude: [...], strength_mult: 0.1}."
                 )
 
+    def settings(self) -> dict[str, Any]:
+        """The term's user-facing settings, in constructor order: what ``Regularization``
+        prints, saves in checkpoints and compares on resume."""
+        return {"penalty": self.penalty, "strength": self.strength, "mode": self.mode,
+                "include": list(self.selector.include), "exclude": list(self.selector.exclude), "scale": self.scale,
+                "name": self.name, "schedule": self.schedule, "overrides": list(self.overrides),
+                "on_nonfinite": self.on_nonfinite}
+
+    @property
+    def oriented(self) -> bool:  # type: ignore[override]
+        # A penalty that is not a sum over entries (group lasso, matrix penalties) sees each
+        # tensor with its output units first: rows of HF Conv1D are its columns.
+        return self.penalty.shard_dims != "any"
+
     # ---- resolution ---------------------------------------------------------------------
     def assign(self, model: nn.Module) -> list[Assignment]:
-        """Select parameters and compute their coefficients (no optimizer needed)."""
-        selected: list[ParamInfo] = self.selector.select_some(model, f"Term {self.name!r}")
+        assignments = super().assign(model)
+        check_shardable(self.name, self.penalty, assignments)
+        return assignments
+
+    def coefficients(self, model: nn.Module, selected: list[ParamInfo]) -> list[float]:
+        """c(w) per tensor: the scale rule (on the tensor with its output units first), times
+        every override that selects it."""
         bind = getattr(self._scale, "bind", None)
         if callable(bind):  # a scale that needs the whole model (e.g. DepthDecay)
             bind(model)
         check = getattr(self.penalty, "check_param", None)
-        mults = {}
+        mults: dict[int, float] = {}
         for o in self.overrides:
             for info in o.selector.select(model):
-                mults[info.name] = mults.get(info.name, 1.0) * o.strength_mult
-        assignments = []
+                mults[id(info.param)] = mults.get(id(info.param), 1.0) * o.strength_mult
+        coeffs = []
         for info in selected:
+            w = info.param.transpose(0, 1) if info.out_dim else info.param
             if callable(check):
-                check(info.name, info.param)
-            coeff = self._scale(info.name, info.param)
+                check(info.name, w)
+            coeff = self._scale(info.name, w)
             if isinstance(coeff, Tensor) and coeff.numel() == 1:
                 coeff = coeff.item()
             if not (is_number(coeff) and 0 <= coeff < math.inf):
                 raise ValueError(
                     f"Term {self.name!r}: scale gave c={coeff!r} for {info.name}; it must return a finite number ≥ 0."
                 )
-            coeff = float(coeff)
-            if info.name in mults:
-                coeff *= mults[info.name]
-            assignments.append(Assignment(info.name, info.param, coeff))
-        check_shardable(self.name, self.penalty, assignments)
-        self.assignments = assignments
-        return assignments
-
-    def bind(self, model: nn.Module | None, optimizers: list[torch.optim.Optimizer]) -> list[str]:
-        """Resolve to buckets of (param group, coefficient). Returns the names of selected
-        parameters that no optimizer updates (they are left alone).
-
-        ``model=None`` reuses the assignment of the last :meth:`assign` (the callback
-        selects once, at setup, and binds when the optimizers exist)."""
-        if model is not None:
-            self.assign(model)
-        self.buckets, orphans = bucket_by_group(self.assignments, optimizers)
-        return orphans
+            coeffs.append(float(coeff) * mults.get(id(info.param), 1.0))
+        return coeffs
 
     # ---- per-step work ------------------------------------------------------------------
     def strength_now(self, bucket: Bucket | None = None) -> float:
@@ -207,12 +189,16 @@ class Term:
                 if group_ids is None or id(bucket.group) in group_ids:
                     self.mode.prepare(self.penalty, bucket)
 
-    def apply(self, group_ids: set[int] | None = None) -> None:
-        """Run the mode on every bucket (or those of the given param groups)."""
+    def apply(self, group_ids: set[int] | None = None, grad_scale: float = 1.0) -> None:
+        """Run the mode on every bucket (or those of the given param groups).
+
+        ``grad_scale``: the factor the gradients still carry (a GradScaler's scale, when a
+        fused optimizer unscales them itself); a coupled gradient is added at that scale."""
+        scale = grad_scale if self.mode.phase == "gradient" else 1.0
         with torch.no_grad():
             for bucket in self.buckets:
                 if group_ids is None or id(bucket.group) in group_ids:
-                    self.mode.apply(self.penalty, bucket, self.strength_now(bucket))
+                    self.mode.apply(self.penalty, bucket, self.strength_now(bucket) * scale)
 
     def value(self) -> Tensor:
         """λ·Σ c·R(w) over the term's tensors, without building a graph. Sharded tensors
@@ -221,7 +207,7 @@ class Term:
         with torch.no_grad():
             if not self.assignments:
                 return torch.zeros(())
-            ws = [a.param for a in self.assignments]
+            ws = [a.oriented if self.oriented else a.param for a in self.assignments]
             return self.strength_now() * shard_sum(self.penalty.total, ws, [a.coeff for a in self.assignments])
 
     def weight_stats(self) -> tuple[Tensor, Tensor]:

@@ -106,7 +106,7 @@ def test_groups_lists_every_parameter_with_term_coefficient_and_mode(capsys):
     lines = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.startswith(("body.", "head."))}
     assert set(lines) == {"body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias", "head.weight", "head.bias"}
     # fan scale: c = (784 + 512) / (784·512), λ = 0.01
-    name, shape, numel, term, penalty, coeff, mode = lines["body.0.weight"]
+    name, shape, numel, term, penalty, coeff, mode, *_ = lines["body.0.weight"]
     assert (shape, numel, term, mode) == ("512×784", "401,408", "elasticnet", "coupled")
     assert float(coeff) == pytest.approx(0.01 * (784 + 512) / (784 * 512), rel=1e-3)
     assert lines["head.weight"][3:5] == ["-", "excluded"] and lines["body.0.bias"][4] == "excluded"

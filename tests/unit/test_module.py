@@ -83,7 +83,8 @@ def test_validation_logs_val_data_loss(tmp_path):
 
 
 def test_plain_lightning_module_is_regularized_too():
-    """Without RegModule the coupled gradient is added in on_before_optimizer_step."""
+    """A plain LightningModule gets the same step as a RegModule (the engine hangs on the
+    optimizer's hooks, not on RegModule)."""
 
     class Plain(L.LightningModule):
         def __init__(self):
@@ -106,7 +107,9 @@ def test_plain_lightning_module_is_regularized_too():
 
 
 def test_two_terms_with_one_name_is_an_error():
-    with pytest.raises(RuntimeError, match="state_key"):
+    """Two terms left at the default name, from Python: an error naming ``name=`` (not
+    Lightning's "more than one stateful callback" at Trainer(...))."""
+    with pytest.raises(ValueError, match=r"Two terms are named 'l2'.*name='l2_2'"):
         fit(TinyNet(), batches(2), [Regularization(L2()), Regularization(L2(), strength=1e-3)])
     fit(TinyNet(), batches(2), [Regularization(L2()), Regularization(L2(), strength=1e-3, name="l2_head", include=["head.*"])])
 
