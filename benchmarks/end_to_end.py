@@ -62,14 +62,11 @@ HIDDEN = {"mlp": (1024, 1024), "tiny": (32,)}
 
 
 def mlp(hidden: tuple[int, ...]) -> nn.Module:
-    """The network as a user writes it by hand: the same layers, in the same creation order
-    (hence the same initial weights) as :class:`regfit.models.MLP`."""
+    """The network, :class:`regfit.models.MLP` (784 → hidden… → 10, ReLU), as an ordinary
+    ``nn.Module`` for the torch loop and the plain LightningModule: the same layers and
+    initial weights as the regfit run."""
     torch.manual_seed(0)
-    widths = (784, *hidden)
-    layers: list[nn.Module] = [nn.Flatten()]
-    for a, b in zip(widths, widths[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(widths[-1], 10))
+    return MLP(widths=hidden)
 
 
 class PlainModule(L.LightningModule):

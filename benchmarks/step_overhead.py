@@ -4,9 +4,9 @@ Three parts, each printed as a table:
 
 1. **step** — a full training step (forward, backward, regularization, optimizer step) in
    a tight torch loop, for an MLP 784-1024-1024-10, a small CNN and a model with ~200 small
-   parameter tensors. regfit variants run regfit's own code: a :class:`~regfit.term.Term`
-   bound to the optimizer, ``term.apply(...)`` in its mode's phase, exactly what the
-   ``Regularization`` callback calls. Variants are interleaved in a new random order every
+   parameter tensors. regfit variants run regfit's own code: the term attached to the
+   optimizer (:func:`regfit.attach`), so the step engine runs it from the optimizer's
+   hooks, exactly as in a ``Trainer``. Variants are interleaved in a new random order every
    round; the table gives the median time per step and the median of the per-round ratios
    (with quartiles).
 2. **memory** — the peak of the temporaries one ``term.apply`` allocates, against the size
@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regfit import Regularization, attach
 from regfit.guard import apply_guarded
 from regfit.modes import Coupled, Decoupled, Mode, Proximal
 from regfit.penalties import L1, L2, LHalf, Penalty
@@ -150,16 +151,13 @@ def bind_term(variant: Variant, model: nn.Module, opt: torch.optim.Optimizer) ->
 
 
 def make_step(variant: Variant, proto: nn.Module, x, y) -> Callable[[], None]:
-    """One training step of this variant on its own copy of the model."""
+    """One training step of this variant on its own copy of the model: a plain loop, with
+    the variant's term attached to the optimizer (regfit's step engine, as in training)."""
     model = copy.deepcopy(proto)
     params = list(model.parameters())
     opt = variant.optimizer(params)
-    term = bind_term(variant, model, opt) if variant.penalty is not None else None
-    phase = term.mode.phase if term is not None else None
-
-    def apply(now: str) -> None:
-        if phase == now:  # what Regularization._run does in each hook
-            apply_guarded(term, {id(g) for g in opt.param_groups}, variant.guard)
+    if variant.penalty is not None:
+        attach(model, opt, Regularization(variant.penalty, strength=LAM, mode=variant.mode, on_nonfinite=variant.guard))
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -167,10 +165,7 @@ def make_step(variant: Variant, proto: nn.Module, x, y) -> Callable[[], None]:
         if variant.naive is not None:
             loss = loss + variant.naive(params)
         loss.backward()
-        apply("gradient")
-        apply("pre_update")
         opt.step()
-        apply("post_update")
 
     return step
 

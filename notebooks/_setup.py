@@ -23,12 +23,11 @@ from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
-from regfit import RegModule
+from regfit.models import MLP
 from regfit.data import FILE_STEMS, MNISTDataModule, build_split_from_test_set
 
 __all__ = ["SMOKE", "pick", "mnist_data_dir", "mnist", "MemoryLogger", "DigitsMLP", "fit", "accuracy"]
@@ -101,8 +100,9 @@ class MemoryLogger(Logger):
         return self.history[key][-1][1]
 
 
-class DigitsMLP(RegModule):
-    """784 → hidden… → 10 MLP with ReLU (optionally LayerNorm after each hidden Linear).
+class DigitsMLP(MLP):
+    """:class:`regfit.models.MLP` (784 → hidden… → 10, ReLU; a LayerNorm after each hidden
+    Linear with ``norm=True``) with the optimizer a notebook picks and a seed.
 
     Args:
         hidden: Widths of the hidden layers.
@@ -118,28 +118,9 @@ class DigitsMLP(RegModule):
         norm: bool = False,
         seed: int = 0,
     ) -> None:
-        super().__init__()
         torch.manual_seed(seed)
-        layers: list[nn.Module] = []
-        width = 28 * 28
-        for h in hidden:
-            layers += [nn.Linear(width, h)] + ([nn.LayerNorm(h)] if norm else []) + [nn.ReLU()]
-            width = h
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(width, 10)
+        super().__init__(widths=hidden, norm="layer" if norm else "none")
         self._optimizer = optimizer or (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x.flatten(1)))
-
-    def data_loss(self, batch: Any) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        self.log("val/acc", (self(x).argmax(1) == y).float().mean(), on_epoch=True)
-        return super().validation_step(batch, batch_idx)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self._optimizer(self.parameters())

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from regfit.modes import Coupled, Decoupled
-from regfit.penalties import L1, L2, ElasticNet, GroupLasso, LHalf, Lp
+from regfit.penalties import BUILTINS, L2
 from regfit.sharding import all_ranks_agree, local
 from regfit.term import OnNonFinite, Term
 
@@ -74,7 +74,7 @@ def all_finite(tensors: list[Tensor]) -> bool:
 
 
 # Closed-form kernels that map finite weights (and gradients) to finite results.
-_FINITE_FOR_FINITE_INPUT = (L2, L1, ElasticNet, Lp, LHalf, GroupLasso)
+_FINITE_FOR_FINITE_INPUT = tuple(b.cls for b in BUILTINS if b.finite)
 
 
 @functools.lru_cache(maxsize=None)

@@ -43,7 +43,7 @@ from regfit.engine import StepEngine, refuse_closure_optimizers
 from regfit.guard import stability_problem
 from regfit.term import Term
 
-__all__ = ["attach", "Hooks"]
+__all__ = ["attach", "Hooks", "unwrap"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,20 @@ class Hooks:
         return f"Hooks({type(self.optimizer).__name__}: {names}{'' if self._engine else '; removed'})"
 
 
+def unwrap(optimizer: Any) -> Any:
+    """The torch optimizer inside a wrapper that forwards ``step`` to it (Accelerate's
+    ``AcceleratedOptimizer``, as Hugging Face ``Trainer`` holds it; Lightning's
+    ``LightningOptimizer``): the hooks must be on the one whose ``step`` really runs."""
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            inner = getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            return optimizer
+        optimizer = inner
+    return optimizer
+
+
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *regularizations: Any) -> Hooks:
     """Run regfit terms and constraints in every step of ``optimizer``.
 
@@ -108,8 +122,9 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *regularizations:
         model: the model whose parameters the terms select (names as in
             ``model.named_parameters()``; ``last_layer`` as for a RegModule).
         optimizer: any ``torch.optim.Optimizer`` that the loop steps with
-            ``optimizer.step()``. Closure optimizers that search a line (``LBFGS``) are
-            refused: their loss would not contain the penalty.
+            ``optimizer.step()`` (a wrapper such as Accelerate's ``AcceleratedOptimizer`` is
+            unwrapped). Closure optimizers that search a line (``LBFGS``) are refused: their
+            loss would not contain the penalty.
         *regularizations: :class:`~regfit.Regularization` and
             :class:`~regfit.constrain.Constrain` objects (each used by one loop at a time).
 
@@ -126,6 +141,7 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *regularizations:
     for r in regularizations:
         if not isinstance(r, BoundCallback):
             raise ValueError(f"attach() takes Regularization and Constrain objects, got {type(r).__name__} {r!r:.80}.")
+    optimizer = unwrap(optimizer)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"attach(model, optimizer, ...): optimizer must be a torch.optim.Optimizer, got "
                          f"{type(optimizer).__name__}.")

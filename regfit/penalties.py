@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
@@ -45,7 +46,7 @@ from regfit import functional as F
 from regfit.hyperparams import Hyperparams, check_int, check_number
 
 __all__ = ["Penalty", "L2", "L1", "ElasticNet", "Lp", "LHalf", "GroupLasso", "Orthogonal", "Nuclear", "SpectralNorm",
-           "resolve_penalty"]
+           "Builtin", "BUILTINS", "resolve_penalty"]
 
 
 class Penalty(Hyperparams):
@@ -575,9 +576,49 @@ def _as_tensor(coeffs: Sequence[float], like: Tensor) -> Tensor:
     return torch.as_tensor(coeffs, dtype=like.dtype, device=like.device)
 
 
-_BY_NAME: dict[str, type[Penalty]] = {
-    cls.name: cls for cls in (L2, L1, ElasticNet, Lp, LHalf, GroupLasso, Orthogonal, Nuclear, SpectralNorm)
-}
+@dataclass(frozen=True)
+class Builtin:
+    """One built-in penalty, as the rest of regfit and its tests know it.
+
+    ``examples`` are the instances the shared test harness checks (finite differences,
+    prox optimality, behaviour at 0 and ±∞); ``finite`` says that the penalty's closed-form
+    kernels map finite weights to finite results, so the non-finite guard trusts them
+    (:mod:`regfit.guard`); ``separable`` that R is a sum over entries (the 1-d prox check
+    applies); ``formula`` is R(w) as the docs write it.
+    """
+
+    cls: type[Penalty]
+    examples: tuple[Penalty, ...]
+    formula: str
+    finite: bool = False
+    separable: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.cls.name
+
+    @property
+    def has_prox(self) -> bool:
+        return self.cls.prox is not Penalty.prox
+
+
+#: The built-in penalties: the one table from which the short names (``resolve_penalty``),
+#: the guard's trusted kernels, the docs' tables (checked by the test suite) and the shared
+#: penalty test harness are derived.
+BUILTINS: tuple[Builtin, ...] = (
+    Builtin(L2, (L2(),), "½‖w‖²", finite=True, separable=True),
+    Builtin(L1, (L1(),), "‖w‖₁", finite=True, separable=True),
+    Builtin(ElasticNet, (ElasticNet(l1_ratio=0.3),), "α‖w‖₁ + (1−α)·½‖w‖²", finite=True, separable=True),
+    Builtin(Lp, (Lp(p=0.3), Lp(p=0.7)), "Σ|w|^p, 0 < p < 1", finite=True, separable=True),
+    Builtin(LHalf, (LHalf(),), "Σ|w|^½", finite=True, separable=True),
+    Builtin(GroupLasso, (GroupLasso(), GroupLasso(dim=1)), "Σ_g √|g|·‖w_g‖₂", finite=True),
+    Builtin(Orthogonal, (Orthogonal("rows"), Orthogonal("columns"), Orthogonal("rows", normalized=True)),
+            "‖WWᵀ − I‖²_F"),
+    Builtin(Nuclear, (Nuclear(),), "Σσᵢ(W)"),
+    Builtin(SpectralNorm, (SpectralNorm(n_iter=200),), "σ_max(W)"),
+)
+
+_BY_NAME: dict[str, type[Penalty]] = {b.name: b.cls for b in BUILTINS}
 
 
 def resolve_penalty(penalty: Penalty | str) -> Penalty:

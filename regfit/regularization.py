@@ -246,10 +246,11 @@ class Regularization(BoundCallback):
 
 
 def _config_changes(saved: dict[str, str] | None, current: dict[str, str]) -> list[str]:
-    """Human-readable differences ``key: saved → current`` between two configs."""
+    """Human-readable differences ``key: saved → current`` between two configs. A setting
+    the checkpoint does not have (saved before regfit had it) is not a change."""
     if not saved:
         return []
-    keys = list(current) + [k for k in saved if k not in current]
+    keys = [k for k in current if k in saved] + [k for k in saved if k not in current]
     return [f"{k}: {saved.get(k, '(absent)')} → {current.get(k, '(absent)')}" for k in keys if saved.get(k) != current.get(k)]
 
 

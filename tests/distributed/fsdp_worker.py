@@ -2,8 +2,9 @@
 
 Launched as ``python -m torch.distributed.run --standalone --nproc_per_node=2
 tests/distributed/fsdp_worker.py OUT_DIR``. For every case of :data:`CASES` each rank shards a
-float64 TinyNet (each Linear / LayerNorm, then the root), binds a regfit ``Term`` to a
-torch optimizer and trains on its half of each global batch; it writes
+float64 TinyNet (each Linear / LayerNorm, then the root), attaches a regfit term to a torch
+optimizer (:func:`regfit.attach`: the step engine runs it from the optimizer's hooks) and
+trains on its half of each global batch; it writes
 ``<case>_rank<r>.pt`` with the gathered full parameters, the penalty value, weight norm
 and sparsity after every step, the term's (name, coefficient) list and the number of
 all-reduces the term issued while updating and while computing values. Then, with
@@ -22,10 +23,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from regfit.guard import apply_guarded
-from regfit.modes import Coupled, Decoupled, Proximal
+from regfit import Regularization, attach
+from regfit.modes import CautiousDecoupled, Coupled, Decoupled, Proximal
 from regfit.penalties import L1, L2, GroupLasso, LHalf, Penalty
-from regfit.selection import Selector
 from regfit.term import Term
 from tests.helpers import TinyNet, batches
 
@@ -58,6 +58,8 @@ CASES = {
     "coupled-lhalf-sgd": (sgd, LHalf(), 1e-3, Coupled(), (), ("bias",), "none"),
     "proximal-grouplasso-sgd": (sgd, GroupLasso(), 0.2, Proximal(), ("type:Linear",), ("bias",), "none"),
     "coupled-logcosh-sgd": (sgd, LogCosh(), 1e-2, Coupled(), (), (), "none"),
+    # prepare (a copy of w_t before the update) and apply after it, on the shards
+    "cautious-l2-adam": (adam, L2(), 1e-1, CautiousDecoupled(), (), ("bias",), "none"),
 }
 
 
@@ -66,16 +68,17 @@ def model() -> TinyNet:
     return TinyNet(width=15)
 
 
-def term(case: str) -> Term:
+def regularization(case: str) -> Regularization:
     _, penalty, strength, mode, include, exclude, scale = CASES[case]
-    return Term(penalty=penalty, strength=strength, selector=Selector(include=include, exclude=exclude),
-                scale=scale, mode=mode, name=case)
+    return Regularization(penalty, strength=strength, mode=mode, include=include, exclude=exclude, scale=scale,
+                          name=case)
 
 
-def train(net, t: Term, opt, data, rank: int | None, counts: dict | None = None) -> list[tuple[float, float, float]]:
+def train(net, reg: Regularization, opt, data, rank: int | None, counts: dict | None = None) -> list[tuple[float, float, float]]:
     """STEPS steps; ``rank`` None trains on the whole batch, else on this rank's half.
     Returns (penalty value, weight norm, sparsity) after every step."""
-    t.bind(net, [opt])
+    hooks = attach(net, opt, reg)
+    t: Term = reg.term
     logged = []
     for x, y in data:
         if rank is not None:
@@ -83,17 +86,13 @@ def train(net, t: Term, opt, data, rank: int | None, counts: dict | None = None)
             x, y = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
         opt.zero_grad()
         F.cross_entropy(net(x), y).backward()
-        with _counting(counts, "update"):
-            if t.mode.phase != "post_update":
-                apply_guarded(t, None, "raise")
-        opt.step()
-        with _counting(counts, "update"):
-            if t.mode.phase == "post_update":
-                apply_guarded(t, None, "raise")
+        with _counting(counts, "update"):  # the optimizer's update and the term's, in its phases
+            opt.step()
         with _counting(counts, "log"):
             value = float(t.value())
             norm, sparsity = t.weight_stats()
         logged.append((value, float(norm), float(sparsity)))
+    hooks.remove()
     return logged
 
 
@@ -133,8 +132,9 @@ def main(out: Path) -> None:
     for case in CASES:
         net = shard(model(), mesh)
         assert all(isinstance(p, DTensor) for p in net.parameters())
-        t, counts = term(case), {}
-        logged = train(net, t, CASES[case][0](net.parameters()), batches(STEPS, BATCH), rank, counts)
+        reg, counts = regularization(case), {}
+        t = reg.term
+        logged = train(net, reg, CASES[case][0](net.parameters()), batches(STEPS, BATCH), rank, counts)
         params = {n: p.full_tensor().detach().clone() for n, p in net.named_parameters()}
         local_rows = {n: p.to_local().shape[0] for n, p in net.named_parameters()}
         torch.save({"params": params, "logged": logged, "counts": counts, "local_rows": local_rows,

@@ -1,7 +1,8 @@
 """Sharded parameters (FSDP2 ``fully_shard``, DTensor) on 2 CPU processes (gloo).
 
-Every case trains a float64 TinyNet sharded over 2 ranks through regfit's ``Term`` and a
-torch optimizer (tests/distributed/fsdp_worker.py), and must equal one unsharded process on the same
+Every case trains a float64 TinyNet sharded over 2 ranks with a regfit term attached to a
+torch optimizer — the step engine, cautious decay's prepare-then-apply included
+(tests/distributed/fsdp_worker.py) — and must equal one unsharded process on the same
 global batch: the gathered parameters within 1e-10, and the penalty value, weight norm
 and sparsity after every step (each rank sums its shards, one all-reduce adds them up).
 """
@@ -27,9 +28,9 @@ def fsdp_results(tmp_path_factory):
 def reference(case: str):
     """One process, unsharded, the whole global batch."""
     net = W.model()
-    t = W.term(case)
-    logged = W.train(net, t, W.CASES[case][0](net.parameters()), batches(W.STEPS, W.BATCH), None)
-    return net, t, logged
+    reg = W.regularization(case)
+    logged = W.train(net, reg, W.CASES[case][0](net.parameters()), batches(W.STEPS, W.BATCH), None)
+    return net, reg.term, logged
 
 
 @pytest.mark.parametrize("case", list(W.CASES))

@@ -112,3 +112,29 @@ def test_same_config_resumes_without_a_config_warning(tmp_path, recwarn):
     t1.save_checkpoint(tmp_path / "a.ckpt")
     trainer(2, [Regularization(L2(), strength=1e-4)]).fit(TinyNet(), data, ckpt_path=tmp_path / "a.ckpt")
     assert not [w for w in recwarn if "regularization config" in str(w.message)]
+
+
+def test_a_term_renamed_or_with_another_penalty_is_said_not_dropped_silently(tmp_path):
+    """Changing the penalty changes the default name, so the term's state key: the state
+    is not taken, and a warning says which term's state is left and how to keep it."""
+    data = Batches(batches(2))
+    t1 = trainer(1, [Regularization(L2(), strength=1e-4)])
+    t1.fit(TinyNet(), data)
+    t1.save_checkpoint(tmp_path / "a.ckpt")
+    with pytest.warns(UserWarning, match=r"state of a term named 'l2' \(L2\(\).*no term of this run has .*'l1'.*name='l2'"):
+        trainer(2, [Regularization(L1(), strength=1e-4)]).fit(TinyNet(), data, ckpt_path=tmp_path / "a.ckpt")
+
+
+def test_a_checkpoint_from_before_on_nonfinite_was_saved_resumes_quietly(tmp_path, recwarn):
+    data = Batches(batches(2))
+    t1 = trainer(1, [Regularization(L2(), strength=1e-4)])
+    t1.fit(TinyNet(), data)
+    t1.save_checkpoint(tmp_path / "a.ckpt")
+    ckpt = torch.load(tmp_path / "a.ckpt", weights_only=False)
+    for state in ckpt["callbacks"].values():
+        if "config" in state:
+            del state["config"]["on_nonfinite"]
+            del state["strength"]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    trainer(2, [Regularization(L2(), strength=1e-4)]).fit(TinyNet(), data, ckpt_path=tmp_path / "old.ckpt")
+    assert not [w for w in recwarn if "regularization config" in str(w.message)]

@@ -97,3 +97,36 @@ def test_cautious_decays_once_per_optimizer_step_under_accumulation():
     before = model.head.weight.detach().clone()
     fit(model, micro, [Regularization(L2(), strength=0.2, mode="cautious")], accumulate_grad_batches=2)
     assert torch.allclose(model.head.weight, before * (1 - 0.1 * 0.2) ** 10, rtol=1e-12, atol=0)
+
+
+def test_bucket_hands_the_kernels_stepping_tensors_and_local_shards(monkeypatch):
+    """What every mode gives the kernels: parameters with a gradient, in order, with their
+    gradients; a sharded parameter (and its gradient) as its local shard. Whether a bucket
+    holds shards is looked at once, not per tensor and step."""
+    import regfit.modes as modes
+
+    ps = [torch.nn.Parameter(torch.full((2,), float(i))) for i in range(4)]
+    for i in (0, 2, 3):
+        ps[i].grad = torch.full((2,), 10.0 + i)
+    plain = modes.Bucket(ps, 1.0, {"lr": 0.1})
+    assert plain.stepping() == [ps[0], ps[2], ps[3]] and plain.stepping_indices() == [0, 2, 3]
+    params, grads = plain.stepping_with_grads()
+    assert params == plain.stepping() and all(g is p.grad for g, p in zip(grads, params))
+    assert all(g is p.grad for g, p in zip(plain.stepping_grads(), params))
+
+    shards = {id(ps[2]): torch.zeros(1), id(ps[2].grad): torch.ones(1)}  # ps[2] stands for a DTensor
+    looked = []
+
+    def is_sharded(t):
+        looked.append(t)
+        return id(t) in shards
+
+    monkeypatch.setattr(modes, "is_sharded", is_sharded)
+    monkeypatch.setattr(modes, "local", lambda t: shards.get(id(t), t))
+    sharded = modes.Bucket(ps, 1.0, {"lr": 0.1})
+    for _ in range(3):
+        params, grads = sharded.stepping_with_grads()
+        assert params[1] is shards[id(ps[2])] and grads[1] is shards[id(ps[2].grad)]
+        assert params[0] is ps[0] and grads[2] is ps[3].grad
+        assert sharded.stepping() == params and sharded.stepping_grads() == grads
+    assert len(looked) <= len(ps)  # once per bucket, not per step

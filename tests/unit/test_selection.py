@@ -176,3 +176,99 @@ def test_term_assignments_carry_coefficients():
     term = Term(L2(), 1e-3, Selector(include=["body.*"], exclude=["norm"]), "numel", Coupled(), "l2")
     got = {a.name: a.coeff for a in term.assign(Model())}
     assert got == {"body.0.weight": 1 / 32, "body.0.bias": 1 / 8, "body.2.weight": 1 / 64, "body.2.bias": 1 / 8}
+
+
+# ---- real models: tied weights, structural keywords, stored layouts -------------------------
+
+
+def test_a_tied_tensor_is_one_parameter_with_aliases_and_any_alias_excludes_it():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(10, 4)
+            self.body = nn.Linear(4, 4)
+            self.lm_head = nn.Linear(4, 10, bias=False)
+            self.lm_head.weight = self.wte.weight
+
+    model = Tied()
+    infos = Selector().select(model)
+    assert [(i.name, i.names) for i in infos] == [
+        ("wte.weight", ("wte.weight", "lm_head.weight")), ("body.weight", ("body.weight",)), ("body.bias", ("body.bias",))]
+    for rule in ("embedding", "lm_head.*", "type:Linear", "last_layer"):
+        assert "wte.weight" not in names(Selector(exclude=[rule]), model), rule
+    assert names(Selector(include=["lm_head.*"]), model) == ["wte.weight"]
+
+
+def test_norm_and_bias_follow_structure_not_only_torch_classes():
+    class LlamaRMSNorm(nn.Module):  # what Hugging Face, apex and timm norms look like
+        def __init__(self, n):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(n))
+
+    class FusedLayerNormGated(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.weight, self.bias = nn.Parameter(torch.ones(n)), nn.Parameter(torch.zeros(n))
+
+    class NormHead(nn.Module):  # a "Norm" name on a weight matrix is not a norm layer
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(3, 4))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, add_bias_kv=True)
+            self.rnn = nn.GRU(4, 4, bidirectional=True)
+            self.ln = LlamaRMSNorm(4)
+            self.fused = FusedLayerNormGated(4)
+            self.head = NormHead()
+
+    model = Net()
+    assert names(Selector(include=["norm"]), model) == ["ln.weight", "fused.weight", "fused.bias"]
+    assert set(names(Selector(include=["bias"]), model)) == {
+        "attn.in_proj_bias", "attn.bias_k", "attn.bias_v", "attn.out_proj.bias",
+        "rnn.bias_ih_l0", "rnn.bias_hh_l0", "rnn.bias_ih_l0_reverse", "rnn.bias_hh_l0_reverse", "fused.bias"}
+
+    import regfit.selection as selection
+
+    class ScaleNormish(nn.Module):  # a norm whose name does not say so: extend NORM_TYPES
+        def __init__(self):
+            super().__init__()
+            self.g = nn.Parameter(torch.ones(()))
+
+    m = nn.Sequential(nn.Linear(2, 2), ScaleNormish())
+    assert names(Selector(include=["norm"]), m) == []
+    original = selection.NORM_TYPES
+    try:
+        selection.NORM_TYPES = original + (ScaleNormish,)
+        assert names(Selector(include=["norm"]), m) == ["1.g"]
+    finally:
+        selection.NORM_TYPES = original
+
+
+def test_hf_conv1d_is_linear_and_row_penalties_see_its_output_units_first():
+    """GPT-2's Conv1D stores (in, out): `linear` selects it, GroupLasso groups its output
+    units (columns of the stored weight) and a scale callable sees (out, in)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from regfit.penalties import GroupLasso
+
+    model = nn.Sequential(Conv1D(6, 4), nn.Linear(6, 2))  # Conv1D(nf=out, nx=in): weight (4, 6)
+    assert names(Selector(include=["linear"]), model) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    shapes = {}
+    term = Term(GroupLasso(), 0.1, Selector(include=["0.weight"]), lambda n, p: shapes.setdefault(n, p.shape) and 1.0,
+                Proximal(), "gl")
+    (a,) = term.assign(model)
+    assert a.out_dim == 1 and shapes["0.weight"] == (6, 4)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(4, 6))
+        model[0].weight[:, 2] = 1e-3  # output unit 2: a small column of the stored weight
+    expected = 0.1 * GroupLasso().value(model[0].weight.detach().t())
+    assert float(term.value()) == pytest.approx(float(expected))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    term.bind(None, [opt])
+    model[0].weight.grad = torch.zeros_like(model[0].weight)
+    term.apply()
+    zero_units = (model[0].weight == 0).all(dim=0)
+    assert zero_units.tolist() == [False, False, True, False, False, False]
