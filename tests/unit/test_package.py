@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = sorted(p for d in ("regfit", "benchmarks", "tests") for p in (ROOT / d).glob("*.py"))
+# regfit's subpackages (regfit/data/) too; the other folders at their top level.
+SOURCES = sorted([*(ROOT / "regfit").rglob("*.py"), *(p for d in ("benchmarks", "tests") for p in (ROOT / d).glob("*.py"))])
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -19,7 +20,14 @@ def test_compiles_without_warnings(path):
         compile(path.read_text(encoding="utf-8"), str(path), "exec")
 
 
-MODULES = sorted(p.stem for p in (ROOT / "regfit").glob("*.py") if p.stem != "__init__")
+def _module_name(path: Path) -> str:
+    """``regfit/data/batches.py`` -> ``data.batches``; a subpackage's ``__init__.py`` -> ``data``."""
+    parts = path.relative_to(ROOT / "regfit").with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+# Every module but regfit/__init__.py and a __main__.py (importing one runs the command).
+MODULES = sorted(name for p in (ROOT / "regfit").rglob("*.py") if (name := _module_name(p)) and p.stem != "__main__")
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -32,4 +40,4 @@ def test_docstring_examples_print_what_they_show(module):
 
     mod = importlib.import_module(f"regfit.{module}")
     result = doctest.testmod(mod, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE, verbose=False)
-    assert result.failed == 0, f"{result.failed} of {result.attempted} examples in regfit/{module}.py differ"
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples in regfit.{module} differ"
