@@ -38,6 +38,8 @@ Offline use::
     regfit fit --config configs/mnist_l2.yaml --data.data_dir data/mnist-small
 """
 
+# Beside the names of __all__, the constants stay importable from regfit.data as they were
+# from the single module (notebooks/_setup.py imports FILE_STEMS).
 from regfit.data.batches import ShardedOrder, TensorBatches, split_indices
 from regfit.data.checksums import MD5SUMS
 from regfit.data.errors import DataError

@@ -64,6 +64,8 @@ class DatasetFiles:
         mirrors: Base URLs tried in order for each file.
         verify_md5: MD5 policy, see the module docstring.
         timeout: Seconds before a silent download connection is given up.
+        retries: Further tries of a mirror after a transient failure (a transfer cut off or
+            stalled, HTTP 5xx); see :mod:`regfit.data.download`.
     """
 
     data_dir: Path
@@ -72,6 +74,7 @@ class DatasetFiles:
     mirrors: tuple[str, ...]
     verify_md5: bool | None = None
     timeout: float = 30.0
+    retries: int = 2
 
     @property
     def stems(self) -> tuple[str, ...]:
@@ -157,7 +160,7 @@ class DatasetFiles:
                     continue
                 if path is not None:
                     log.warning("%s fails its MD5 check; downloading it again", path)
-                reasons = download(name, folder / name, self.mirrors, expected.get(name), self.timeout)
+                reasons = download(name, folder / name, self.mirrors, expected.get(name), self.timeout, self.retries)
                 if reasons is not None:
                     raise self._not_found(f"downloading {name} failed: " + "; ".join(reasons))
         except DataError:

@@ -91,6 +91,8 @@ class MNISTDataModule(L.LightningDataModule):
     num_classes: ClassVar[int] = NUM_CLASSES
     image_shape: ClassVar[tuple[int, int, int]] = (1, IMAGE_SIZE, IMAGE_SIZE)
     download_timeout: ClassVar[float] = 30.0
+    #: Further tries of a mirror after a transient failure (cut-off transfer, HTTP 5xx).
+    download_retries: ClassVar[int] = 2
 
     def __init__(
         self,
@@ -122,6 +124,7 @@ class MNISTDataModule(L.LightningDataModule):
             mirrors=tuple(self.mirrors if mirrors is None else mirrors),
             verify_md5=verify_md5,
             timeout=self.download_timeout,
+            retries=self.download_retries,
         )
         self.batch_size = batch_size
         self.val_fraction = val_fraction

@@ -56,15 +56,17 @@ def loaded(dm: MNISTDataModule, stage: str | None = None) -> MNISTDataModule:
 # ----------------------------------------------------------------------------------------------
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder and logs nothing; subclasses misbehave on purpose."""
+
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
         pass
 
 
 @contextlib.contextmanager
-def http_mirror(directory: Path) -> Iterator[str]:
+def http_mirror(directory: Path, handler: type[QuietHandler] = QuietHandler) -> Iterator[str]:
     """Serve ``directory`` on 127.0.0.1 (ephemeral port) from a thread; yield its base URL."""
-    handler = functools.partial(_QuietHandler, directory=str(directory))
+    handler = functools.partial(handler, directory=str(directory))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
