@@ -1,7 +1,7 @@
 """MNIST-format data without torchvision: files, downloads, in-memory batches, data modules.
 
-The whole dataset lives in memory as two tensors (normalized float32 images ``(N, 1, 28, 28)``
-and int64 labels); batches are cut from them by slicing or ``index_select``, never by a
+The whole dataset lives in memory as two tensors (normalized float32 images ``(N, C, H, W)``,
+``(N, 1, 28, 28)`` for MNIST, and int64 labels); batches are cut from them by slicing or ``index_select``, never by a
 per-sample ``__getitem__`` and a collate function.
 
 One concept per module:
@@ -10,6 +10,8 @@ One concept per module:
 - :mod:`~regfit.data.files` -- where a dataset's files are and the MD5 policy: :class:`DatasetFiles`;
 - :mod:`~regfit.data.download` -- fetching one file from a list of mirrors;
 - :mod:`~regfit.data.batches` -- :func:`split_indices`, :class:`ShardedOrder`, :class:`TensorBatches`;
+- :mod:`~regfit.data.datamodule` -- :class:`TensorDataModule`, the base of the data modules:
+  a dataset declares ``image_shape`` and ``num_classes`` and implements ``load(part)``;
 - :mod:`~regfit.data.mnist` -- the Lightning data modules :class:`MNISTDataModule`,
   :class:`FashionMNISTDataModule`;
 - :mod:`~regfit.data.offline` -- ``python -m regfit.data --from-test-set SRC --out DIR``;
@@ -42,18 +44,20 @@ Offline use::
 # from the single module (notebooks/_setup.py imports FILE_STEMS).
 from regfit.data.batches import ShardedOrder, TensorBatches, split_indices
 from regfit.data.checksums import MD5SUMS
+from regfit.data.datamodule import LabelledImages, TensorDataModule, TensorPair
 from regfit.data.errors import DataError
 from regfit.data.files import DEFAULT_DATA_DIR, ENV_DATA_DIR, DatasetFiles
-from regfit.data.idx import IMAGE_SIZE, IMAGES_MAGIC, LABELS_MAGIC, NUM_CLASSES, parse_idx, read_idx, write_idx
+from regfit.data.idx import IMAGES_MAGIC, LABELS_MAGIC, parse_idx, read_idx, write_idx
 from regfit.data.mnist import (
     FILE_STEMS,
+    IMAGE_SIZE,
+    NUM_CLASSES,
     TEST_IMAGES,
     TEST_LABELS,
     TRAIN_IMAGES,
     TRAIN_LABELS,
     FashionMNISTDataModule,
     MNISTDataModule,
-    TensorPair,
 )
 from regfit.data.offline import build_split_from_test_set, main
 
@@ -61,9 +65,11 @@ __all__ = [
     "DataError",
     "DatasetFiles",
     "FashionMNISTDataModule",
+    "LabelledImages",
     "MNISTDataModule",
     "ShardedOrder",
     "TensorBatches",
+    "TensorDataModule",
     "TensorPair",
     "build_split_from_test_set",
     "main",

@@ -19,13 +19,11 @@ import numpy as np
 from regfit.data.atomic import atomic_write
 from regfit.data.errors import DataError
 
-__all__ = ["IMAGES_MAGIC", "LABELS_MAGIC", "IMAGE_SIZE", "NUM_CLASSES", "parse_idx", "read_idx", "write_idx"]
+__all__ = ["IMAGES_MAGIC", "LABELS_MAGIC", "parse_idx", "read_idx", "write_idx"]
 
 # IDX magic = 0x0000 | type code (0x08: unsigned byte) | number of dimensions.
 IMAGES_MAGIC = 0x0803  # 2051
 LABELS_MAGIC = 0x0801  # 2049
-IMAGE_SIZE = 28
-NUM_CLASSES = 10
 
 
 def _magic_for(stem: str) -> int:
@@ -77,12 +75,15 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def read_idx(path: str | os.PathLike[str], magic: int | None = None) -> np.ndarray:
-    """Read an IDX file (gzip'd or not) and check its magic number and shape.
+    """Read an IDX file (gzip'd or not) and check its magic number.
+
+    The magic number fixes the number of dimensions; the sizes are whatever the header says
+    (a data module checks them against the image shape and classes it declares).
 
     Args:
         path: The file.
-        magic: Expected magic number: 2051 (images, must be ``(N, 28, 28)``) or 2049 (labels,
-            ``(N,)`` in 0..9). ``None`` infers it from an MNIST file name (``idx3`` / ``idx1``).
+        magic: Expected magic number: 2051 (images, ``(N, rows, columns)``) or 2049 (labels,
+            ``(N,)``). ``None`` infers it from an MNIST file name (``-images-`` or not).
 
     Returns:
         The ``uint8`` array.
@@ -99,10 +100,6 @@ def read_idx(path: str | os.PathLike[str], magic: int | None = None) -> np.ndarr
         found = int.from_bytes(data[:4], "big")
         if found != magic:
             raise DataError(f"{path}: magic number {found}, expected {magic}")
-        if magic == IMAGES_MAGIC and array.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-            raise DataError(f"{path}: images of shape {array.shape[1:]}, expected (28, 28)")
-        if magic == LABELS_MAGIC and array.size and int(array.max()) >= NUM_CLASSES:
-            raise DataError(f"{path}: label {int(array.max())} outside 0..{NUM_CLASSES - 1}")
     except DataError as exc:
         raise DataError(
             f"{exc} -- delete {path} to download it again (download=True), or replace it"
