@@ -34,11 +34,13 @@ log = logging.getLogger(__name__)
 ENV_DATA_DIR = "REGFIT_DATA_DIR"
 DEFAULT_DATA_DIR = "./data"
 
+# Each way out must work as written with the shipped configs, which leave data_dir unset for
+# that reason: a config's data_dir would win over the environment variable.
 _FIX_HINT = (
     "To fix it, either pass `--data.data_dir DIR` (data_dir=DIR in Python) pointing at a folder "
-    f"with the four files, or set {ENV_DATA_DIR}=DIR, or build a small split offline from the "
-    "official test-set files: `python -m regfit.data --from-test-set SRC --out DIR`, "
-    "then use `--data.data_dir DIR`."
+    f"with the dataset files, or set {ENV_DATA_DIR}=DIR (read when no data_dir is given), or build a "
+    "small MNIST split offline from the official test-set files: "
+    "`python -m regfit.data --from-test-set SRC --out DIR`, then use `--data.data_dir DIR`."
 )
 
 
