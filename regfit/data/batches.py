@@ -8,7 +8,8 @@ collate function.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -102,6 +103,13 @@ class TensorBatches:
     ``torch.utils.data.DataLoader``, so Lightning neither injects a ``DistributedSampler`` nor
     re-instantiates it: sharding is done here, from ``rank`` and ``world_size``.
 
+    It is resumable mid-epoch: :meth:`state_dict` says which epoch is being served and how
+    many of its batches have been handed out, and Lightning (2.x) saves it with the training
+    loader in every checkpoint (``loops.fit_loop.state_dict.combined_loader``) and gives it to
+    the new loader's :meth:`load_state_dict` on resume. The resumed epoch then goes on from the
+    next batch, so a checkpoint taken every *k* steps resumes bit for bit (without it, the
+    resumed epoch would start over: the first batches seen twice, the last never).
+
     Args:
         x: Inputs, first dimension = samples.
         y: Targets, same first dimension.
@@ -116,6 +124,8 @@ class TensorBatches:
         >>> batches = TensorBatches(torch.arange(10.0), torch.arange(10), batch_size=4)
         >>> len(batches), [len(y) for _, y in batches]
         (3, [4, 4, 2])
+        >>> it = iter(batches); _ = next(it); batches.state_dict()
+        {'epoch': 1, 'batches': 1, 'batch_size': 4, 'samples': 10, 'world_size': 1}
     """
 
     def __init__(
@@ -142,18 +152,61 @@ class TensorBatches:
         self.sampler = ShardedOrder(len(x), shuffle, seed, rank, world_size)
         # Lightning reads `batch_sampler` whenever `sampler` exists (to detect shuffling).
         self.batch_sampler = None
+        # Where the epoch being served stands: (epoch, batches handed out); None before any.
+        self._position: tuple[int, int] | None = None
+        self._resume_at: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # A generator: this runs at the first next(), after Lightning's set_epoch for the epoch.
+        epoch = self.sampler.epoch
         indices = self.sampler.epoch_indices()
-        stop = len(self) * self.batch_size
-        for start in range(0, stop, self.batch_size):
+        done = 0
+        if self._resume_at is not None:
+            resume_epoch, resume_batches = self._resume_at
+            self._resume_at = None
+            if resume_epoch == epoch:  # else the checkpoint ended its epoch: start the next afresh
+                done = min(resume_batches, len(self))
+        self._position = (epoch, done)
+        for start in range(done * self.batch_size, len(self) * self.batch_size, self.batch_size):
             end = start + self.batch_size
+            self._position = (epoch, start // self.batch_size + 1)  # counted when handed out
             if indices is None:
                 yield self.x[start:end], self.y[start:end]
             else:
                 batch = indices[start:end]
                 yield self.x.index_select(0, batch), self.y.index_select(0, batch)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the epoch order stands: the epoch being served and the batches handed out.
+
+        With the batch size, sample count and world size it was computed for, which
+        :meth:`load_state_dict` compares. Before the first batch: the coming epoch, 0 batches.
+        """
+        epoch, batches = self._position if self._position is not None else (self.sampler.epoch, 0)
+        return {"epoch": epoch, "batches": batches, "batch_size": self.batch_size, "samples": self.sampler.n,
+                "world_size": self.sampler.world_size}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Go on from ``state`` (a :meth:`state_dict`): the next iteration of that epoch skips
+        the batches already handed out.
+
+        A state computed for another batch size, dataset size or world size still skips that
+        many batches (Lightning counts the resumed epoch's batches the same way), with a warning
+        that the resumed epoch is then not the one interrupted.
+        """
+        mine = self.state_dict()
+        changed = [f"{k}: {state[k]} → {mine[k]}" for k in ("batch_size", "samples", "world_size")
+                   if k in state and state[k] != mine[k]]
+        if changed:
+            warnings.warn(
+                f"resuming the batch order of a checkpoint taken with other data ({'; '.join(changed)}): "
+                f"the rest of epoch {state['epoch']} skips its first {state['batches']} batches but is not "
+                "the order the interrupted run would have seen",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._resume_at = (int(state["epoch"]), int(state["batches"]))

@@ -76,3 +76,63 @@ def test_ranks_take_disjoint_equal_shards(shuffle: bool) -> None:
     # Together they cover everything; the one padding sample is the only repeat.
     assert set(torch.cat(seen).tolist()) == set(range(103))
     assert len(set(seen[0].tolist()) & set(seen[1].tolist())) <= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming mid-epoch: the batch order's state
+# ----------------------------------------------------------------------------------------------
+
+
+def _labels(batches) -> list[list[int]]:
+    return [y.tolist() for _, y in batches]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_loaded_state_goes_on_with_the_rest_of_the_epoch(world_size: int) -> None:
+    x, y = torch.arange(103).float(), torch.arange(103)
+    make = lambda: TensorBatches(x, y, batch_size=10, shuffle=True, seed=4, rank=world_size - 1,  # noqa: E731
+                                 world_size=world_size)
+    straight = make()
+    straight.sampler.set_epoch(2)
+    whole = _labels(straight)
+    interrupted = make()
+    interrupted.sampler.set_epoch(2)
+    it = iter(interrupted)
+    seen = [next(it)[1].tolist() for _ in range(4)]
+    state = interrupted.state_dict()
+    assert state == {"epoch": 2, "batches": 4, "batch_size": 10, "samples": 103, "world_size": world_size}
+    resumed = make()  # a new loader, as after a restart
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(2)  # Lightning sets the epoch after loading the state
+    assert seen + _labels(resumed) == whole
+    resumed.sampler.set_epoch(3)
+    assert len(_labels(resumed)) == len(resumed)  # the state applies to its own epoch only
+
+
+def test_a_state_saved_at_the_end_of_an_epoch_starts_the_next_afresh() -> None:
+    x, y = torch.arange(30).float(), torch.arange(30)
+    done = TensorBatches(x, y, batch_size=10, shuffle=True)
+    _labels(done)
+    assert done.state_dict()["epoch"] == 0 and done.state_dict()["batches"] == 3
+    resumed = TensorBatches(x, y, batch_size=10, shuffle=True)
+    resumed.load_state_dict(done.state_dict())
+    resumed.sampler.set_epoch(1)
+    fresh = TensorBatches(x, y, batch_size=10, shuffle=True)
+    fresh.sampler.set_epoch(1)
+    assert _labels(resumed) == _labels(fresh)
+    assert TensorBatches(x, y, batch_size=10).state_dict()["batches"] == 0  # nothing served yet
+
+
+def test_a_state_from_other_data_warns_naming_the_difference() -> None:
+    x, y = torch.arange(30).float(), torch.arange(30)
+    state = {"epoch": 0, "batches": 1, "batch_size": 5, "samples": 30, "world_size": 1}
+    batches = TensorBatches(x, y, batch_size=10)
+    with pytest.warns(UserWarning, match=r"batch_size: 5 → 10.*skips its first 1 batches"):
+        batches.load_state_dict(state)
+    assert _labels(batches)[0] == list(range(10, 20))
+
+
+def test_lightning_sees_a_resumable_loader() -> None:
+    from lightning.fabric.utilities.types import _Stateful
+
+    assert isinstance(TensorBatches(torch.zeros(2), torch.zeros(2), batch_size=1), _Stateful)
