@@ -1,38 +1,32 @@
-"""MNIST-format data without torchvision: files, downloads, in-memory batches, data modules.
+"""Image datasets without torchvision: files, downloads, in-memory batches, Lightning data modules.
 
-The whole dataset lives in memory as two tensors (normalized float32 images ``(N, C, H, W)``,
-``(N, 1, 28, 28)`` for MNIST, and int64 labels); batches are cut from them by slicing or ``index_select``, never by a
-per-sample ``__getitem__`` and a collate function.
+The whole dataset lives in memory as two tensors (normalized float32 images ``(N, C, H, W)``
+-- ``(N, 1, 28, 28)`` for MNIST -- and int64 labels); batches are cut from them by slicing or
+``index_select``, never by a per-sample ``__getitem__`` and a collate function.
 
-One concept per module:
+One concept per module, each importing only those listed after it:
 
-- :mod:`~regfit.data.idx` -- the IDX file format: :func:`parse_idx`, :func:`read_idx`, :func:`write_idx`;
-- :mod:`~regfit.data.files` -- where a dataset's files are and the MD5 policy: :class:`DatasetFiles`;
-- :mod:`~regfit.data.download` -- fetching one file from a list of mirrors;
-- :mod:`~regfit.data.batches` -- :func:`split_indices`, :class:`ShardedOrder`, :class:`TensorBatches`;
+- :mod:`~regfit.data.offline` -- ``python -m regfit.data --from-test-set SRC --out DIR``: an
+  MNIST folder built offline from the official test set (:func:`build_split_from_test_set`);
+- :mod:`~regfit.data.mnist` -- :class:`MNISTDataModule`, :class:`FashionMNISTDataModule`;
 - :mod:`~regfit.data.datamodule` -- :class:`TensorDataModule`, the base of the data modules:
   a dataset declares ``image_shape`` and ``num_classes`` and implements ``load(part)``;
-- :mod:`~regfit.data.mnist` -- the Lightning data modules :class:`MNISTDataModule`,
-  :class:`FashionMNISTDataModule`;
-- :mod:`~regfit.data.offline` -- ``python -m regfit.data --from-test-set SRC --out DIR``;
-- beneath them: :mod:`~regfit.data.errors` (:class:`DataError`), :mod:`~regfit.data.checksums`
-  (MD5s, ``MD5SUMS`` files), :mod:`~regfit.data.atomic` (atomic writes).
+- :mod:`~regfit.data.batches` -- :func:`split_indices`, :class:`ShardedOrder`,
+  :class:`TensorBatches` (resumable mid-epoch);
+- :mod:`~regfit.data.files` -- :class:`DatasetFiles`: where a dataset's files are looked for,
+  the MD5 policy, downloading the missing ones;
+- :mod:`~regfit.data.download` -- one file from a list of mirrors (pooch: MD5, atomic move;
+  transient failures retried);
+- :mod:`~regfit.data.idx` -- the IDX file format: :func:`parse_idx`, :func:`read_idx`,
+  :func:`write_idx`;
+- :mod:`~regfit.data.checksums` (MD5s, ``MD5SUMS`` files), :mod:`~regfit.data.atomic`
+  (atomic writes), :mod:`~regfit.data.errors` (:class:`DataError`).
 
-File layout
------------
-``data_dir`` (argument, else ``$REGFIT_DATA_DIR``, else ``./data``) is searched in this order,
-and the first folder holding all four files wins:
-
-1. ``data_dir`` itself -- a folder you filled: the four ``*-ubyte.gz`` files (or their
-   uncompressed versions), e.g. one written by ``python -m regfit.data --from-test-set``;
-2. ``data_dir/<folder>/raw`` (``folder`` is ``MNIST`` or ``FashionMNIST``) -- where downloads
-   go. It is the layout torchvision uses, so an existing torchvision download is reused.
-
-MD5 policy (``verify_md5=None``, the default): a MD5 guards a download, so files in the
-download folder are checked against the official MD5s (a corrupt one is downloaded again);
-files you put in ``data_dir`` yourself are checked against an ``MD5SUMS`` file beside them
-when there is one, and otherwise only their IDX structure is validated. ``verify_md5=True``
-requires the official files everywhere; ``verify_md5=False`` checks no MD5 at all.
+``data_dir`` is the argument, else ``$REGFIT_DATA_DIR``, else ``./data`` (the shipped configs
+leave it unset, so the variable applies to them). For MNIST it is searched first for the four
+``*-ubyte.gz`` files of your own (e.g. written by ``python -m regfit.data --from-test-set``),
+then in ``data_dir/MNIST/raw``, where downloads go (torchvision's layout). The MD5 policy is in
+:mod:`regfit.data.files`.
 
 Offline use::
 
