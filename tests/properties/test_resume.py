@@ -138,3 +138,60 @@ def test_a_checkpoint_from_before_on_nonfinite_was_saved_resumes_quietly(tmp_pat
     torch.save(ckpt, tmp_path / "old.ckpt")
     trainer(2, [Regularization(L2(), strength=1e-4)]).fit(TinyNet(), data, ckpt_path=tmp_path / "old.ckpt")
     assert not [w for w in recwarn if "regularization config" in str(w.message)]
+
+
+# ---- mid-epoch: a checkpoint every k steps (ModelCheckpoint(every_n_train_steps=k)) -----------
+
+
+class DigitsNet(TinyNet):
+    """TinyNet on flattened 28×28 digits, in float64 (MNISTDataModule's batches are float32)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__(d_in=28 * 28, width=16, n_out=10, seed=seed,
+                         optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9))
+
+    def forward(self, x):
+        return super().forward(x.flatten(1).to(torch.float64))
+
+
+STEPS, EVERY = 40, 11  # 6,667 training digits / 256 = 27 batches an epoch: checkpoints at 11, 22 (epoch 0), 33 (epoch 1)
+
+
+def digits_trainer(tmp_path, callbacks=(), **kw):
+    return L.Trainer(max_steps=STEPS, callbacks=[Regularization(L2(), strength=1e-3, exclude=["bias"]), *callbacks],
+                     logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     limit_val_batches=0, accelerator="cpu", devices=1, deterministic=True, default_root_dir=tmp_path,
+                     **kw)
+
+
+@pytest.fixture(scope="module")
+def straight_with_checkpoints(mnist_dir, tmp_path_factory):
+    """An uninterrupted fit of STEPS steps that saves a checkpoint every EVERY steps on the way."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from regfit.data import MNISTDataModule
+
+    folder = tmp_path_factory.mktemp("mid_epoch")
+    every = ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=EVERY, save_top_k=-1)
+    model = DigitsNet()
+    digits_trainer(folder, [every]).fit(model, datamodule=MNISTDataModule(str(mnist_dir), batch_size=256, seed=1))
+    return model, folder
+
+
+@pytest.mark.parametrize("step", [11, 33], ids=["epoch0-batch11", "epoch1-batch6"])
+def test_mid_epoch_checkpoint_resumes_bit_identically(step, straight_with_checkpoints, mnist_dir, tmp_path, recwarn):
+    """The batch order is part of the checkpoint (TensorBatches.state_dict): the resumed fit sees
+    the rest of the interrupted epoch, not its first batches again."""
+    from regfit.data import MNISTDataModule
+
+    straight, folder = straight_with_checkpoints
+    ckpt = folder / f"step={step}.ckpt"
+    assert torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": step // 27, "batches": step % 27, "batch_size": 256, "samples": 6667, "world_size": 1}]
+    resumed = DigitsNet(seed=123)  # different init: everything must come from the checkpoint
+    trainer = digits_trainer(tmp_path, enable_checkpointing=False)
+    trainer.fit(resumed, datamodule=MNISTDataModule(str(mnist_dir), batch_size=256, seed=1), ckpt_path=ckpt)
+    assert trainer.global_step == STEPS
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), f"{name}: max |Δw| = {(a - b).abs().max():.3g}"
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]

@@ -6,12 +6,15 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from regfit.cli import configure_wandb, main, run_cli, wandb_credentials_found
 
@@ -214,6 +217,50 @@ def test_missing_data_offline_names_the_data_dir_option(tmp_path, capsys):
     code = main(["fit", "--config", L2_CONFIG, "--data.data_dir", str(tmp_path / "empty"),
                  "--data.download=false", "--trainer.logger=false", *QUIET])
     assert_user_error(capsys, code, "--data.data_dir")
+
+
+@pytest.fixture
+def dead_mirror() -> str:
+    """A URL on a 127.0.0.1 port nothing listens on: the offline case, without the network."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/"
+
+
+def test_shipped_configs_leave_data_dir_unset():
+    """A config's data_dir would win over REGFIT_DATA_DIR, which the missing-data message offers."""
+    for config in CONFIGS:
+        data = yaml.safe_load(config.read_text()).get("data") or {}
+        assert "data_dir" not in (data.get("init_args") or {}) and "data_dir" not in data, config.name
+
+
+def test_missing_data_advice_works_as_written_with_a_shipped_config(mnist_dir, dead_mirror, tmp_path, monkeypatch,
+                                                                    capsys):
+    """Offline with no files, each way out the message names finds the files when followed to the
+    letter: the environment variable (it applies because the configs leave data_dir unset) and the option."""
+    monkeypatch.delenv("REGFIT_DATA_DIR", raising=False)
+    offline = [f"--data.init_args.mirrors=[{dead_mirror}]"]  # the shipped mirrors, unreachable
+    code = main(["fit", "--config", L2_CONFIG, *offline, "--trainer.logger=false", *QUIET])
+    err = assert_user_error(capsys, code, "MNIST data not found", str(tmp_path / "data"), dead_mirror)
+    variable = re.search(r"set (\w+)=DIR\b", err)[1]
+    option = re.search(r"pass `(--data\.\S+) DIR`", err)[1]
+
+    monkeypatch.setenv(variable, str(mnist_dir))
+    by_variable = run_cli(["--config", L2_CONFIG, *offline], run=False).datamodule
+    monkeypatch.delenv(variable)
+    by_option = run_cli(["--config", L2_CONFIG, *offline, option, str(mnist_dir)], run=False).datamodule
+    for dm in (by_variable, by_option):
+        dm.prepare_data()  # found: nothing to download (the mirror is dead)
+        dm.setup("fit")
+        assert len(dm.train_set.y) + len(dm.val_set.y) == 8000
+    assert not (tmp_path / "data").exists()
+
+
+def test_the_environment_variable_alone_trains_a_shipped_config(mnist_dir, dead_mirror, tmp_path, monkeypatch):
+    monkeypatch.setenv("REGFIT_DATA_DIR", str(mnist_dir))
+    args = [a for a in short_fit_args(L2_CONFIG, mnist_dir, tmp_path) if a not in ("--data.data_dir", str(mnist_dir))]
+    cli = run_cli([*args, f"--data.init_args.mirrors=[{dead_mirror}]"])
+    assert cli.trainer.global_step == 4 and cli.datamodule.files.data_dir == mnist_dir
 
 
 def test_debug_shows_the_traceback():
