@@ -470,3 +470,16 @@ def test_runnable_command_failure_is_reported(tmp_path: Path):
     assert checker.cwd.name == "tests" and checker.ran
     with pytest.raises(AssertionError, match="exited 3"):
         checker.check(["python", "-c", "raise SystemExit(3)"])
+
+
+def test_the_penalty_tables_list_every_builtin_with_its_short_name():
+    """The README's penalty tables are derived from regfit.penalties.BUILTINS: each built-in
+    has a row with its class and its config short name, and no row names a penalty that is
+    not a built-in."""
+    from regfit.penalties import BUILTINS
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    rows = [ln for ln in text.splitlines() if ln.startswith("| `") and "(`" in ln.split("|")[1]]
+    named = {re.match(r"\| `(\w+)\(", r).group(1): re.search(r"\(`(\w+)`\)", r).group(1) for r in rows
+             if re.match(r"\| `(\w+)\(", r) and re.search(r"\(`(\w+)`\)", r)}
+    assert named == {b.cls.__name__: b.name for b in BUILTINS}

@@ -161,3 +161,48 @@ def test_coupled_l2_with_sgd_equals_sgd_weight_decay_on_hand_built_groups(key):
               {"params": [p for p in ref.parameters() if id(p) not in decay], "weight_decay": 0.0}]
     _train(ref, torch.optim.SGD(groups, lr=0.05, momentum=0.9, nesterov=True), o)
     assert max_param_diff(model, ref) == 0.0
+
+
+def test_hugging_face_trainer_with_an_attached_term_equals_its_own_weight_decay(tmp_path):
+    """The README's recipe: attach to the optimizer Hugging Face ``Trainer`` creates, from a
+    TrainerCallback. Decoupled L2 on ``exclude=[bias, norm]`` with the Trainer's own
+    ``weight_decay=0`` ≡ the Trainer's ``weight_decay=λ`` (its AdamW on its own decay groups)."""
+    import logging
+
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+    class Tokens(torch.utils.data.Dataset):
+        def __init__(self):
+            self.items = [OUTSIDE["gpt2"].batch(i) for i in range(4)]
+
+        def __len__(self):
+            return 4 * 4
+
+        def __getitem__(self, i):
+            return {k: v[i % 4] for k, v in self.items[i // 4].items()}
+
+    class AttachRegfit(TrainerCallback):
+        def __init__(self, *regularizations):
+            self.regularizations, self.hooks = regularizations, None
+
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            self.hooks = attach(model, optimizer, *self.regularizations)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.hooks.remove()
+
+    def run(weight_decay, callbacks=()):
+        model = OUTSIDE["gpt2"].build()
+        args = TrainingArguments(str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=LR,
+                                 weight_decay=weight_decay, lr_scheduler_type="constant", use_cpu=True, report_to="none",
+                                 save_strategy="no", logging_strategy="no", seed=0, disable_tqdm=True)
+        Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=list(callbacks)).train()
+        return model
+
+    theirs = run(LAM)
+    ours = run(0.0, [AttachRegfit(Regularization("l2", strength=LAM, mode="decoupled", exclude=["bias", "norm"]))])
+    neither = run(0.0)
+    assert max_param_diff(ours, theirs) == 0.0
+    assert max_param_diff(neither, theirs) > 1e-6  # the decay acted
