@@ -105,6 +105,8 @@ class Bound:
     :meth:`coefficients`; they read ``assignments`` and ``buckets``."""
 
     kind = "Bound"  # how messages name it: "Term", "Constraint"
+    #: whether kernels see tensors with their output units first (row-structured updates)
+    oriented: bool = False
     name: str
     selector: Selector
 
@@ -122,9 +124,6 @@ class Bound:
     def coefficients(self, model: nn.Module, selected: list[ParamInfo]) -> list[float]:
         """c(w) per selected tensor (1.0 for all by default)."""
         return [1.0] * len(selected)
-
-    #: whether kernels see tensors with their output units first (row-structured updates)
-    oriented: bool = False
 
     def assign(self, model: nn.Module) -> list[Assignment]:
         """Select tensors of ``model`` (each tensor once, with its aliases) and compute their

@@ -26,18 +26,18 @@ and manual optimization all get the same order — coupled gradients after clipp
 
 from __future__ import annotations
 
-import logging
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from lightning.pytorch.utilities import rank_zero_warn
+
 from regfit.binding import Bound
-from regfit.engine import StepEngine
+from regfit.engine import StepEngine, bind_checked
 
 __all__ = ["BoundCallback", "check_distinct_names", "is_logging_step"]
 
-log = logging.getLogger(__name__)
 
 
 def check_distinct_names(callbacks: list[Any]) -> None:
@@ -115,11 +115,8 @@ class BoundCallback(Callback):
         live = {id(p) for p in pl_module.parameters()}
         if any(id(a.param) not in live for a in self.bound.assignments):
             self.select(pl_module)
-        orphans = self.bound.bind(None, list(trainer.optimizers))
-        if orphans:
-            log.warning("%s %r: %d selected parameters are in no optimizer, so no step moves them and the %s "
-                        "leaves them alone: %s", self.kind, self.name, len(orphans), self.kind.lower(),
-                        ", ".join(orphans[:5]))
+        for warning in bind_checked(self.bound, list(trainer.optimizers)):
+            rank_zero_warn(warning)
         for opt in trainer.optimizers:
             engine = StepEngine.of(opt)
             engine.add(self.bound)

@@ -45,12 +45,12 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from regfit.binding import Bound, optimizer_signature
-from regfit.guard import apply_guarded
+from regfit.binding import Bound, decay_report, optimizer_signature
+from regfit.guard import apply_guarded, stability_problem
 from regfit.projection import Projection
 from regfit.term import Term
 
-__all__ = ["StepEngine", "Phase", "refuse_closure_optimizers"]
+__all__ = ["StepEngine", "Phase", "refuse_closure_optimizers", "bind_checked"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,30 @@ def refuse_closure_optimizers(optimizer: torch.optim.Optimizer) -> None:
             "optimizer (SGD, Adam, …) with regfit's terms, or add the penalty to the loss yourself for LBFGS "
             "(e.g. loss + λ·Σ penalty.value(w))."
         )
+
+
+def bind_checked(bound: Bound, optimizers: list[torch.optim.Optimizer]) -> list[str]:
+    """Bind ``bound`` to the optimizers' param groups and check that it can act there.
+
+    Raises ``ValueError`` for a closure optimizer that searches a line and for a term whose
+    own step blows the weights up at this lr (:func:`regfit.guard.stability_problem`).
+    Returns the warnings to show: selected tensors that no optimizer updates, and the
+    optimizers' own weight decay beside a term (:func:`regfit.binding.decay_report`)."""
+    for opt in optimizers:
+        refuse_closure_optimizers(opt)
+    warnings = []
+    orphans = bound.bind(None, optimizers)
+    if orphans:
+        warnings.append(f"{bound.kind} {bound.name!r}: {len(orphans)} selected parameters are in no optimizer, so no "
+                        f"step moves them and the {bound.kind.lower()} leaves them alone: {', '.join(orphans[:5])}")
+    if isinstance(bound, Term):
+        problem = stability_problem(bound)
+        if problem:
+            raise ValueError(f"Term {bound.name!r} ({bound.penalty!r}, {bound.mode.name}, λ={bound.strength:g}): {problem}")
+        report = decay_report(bound, optimizers)
+        if report:
+            warnings.append(report.message(", ".join(sorted({type(o).__name__ for o in optimizers}))))
+    return warnings
 
 
 class StepEngine:

@@ -37,10 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from regfit.binding import Bound, decay_report
+from regfit.binding import Bound
 from regfit.callback import BoundCallback, check_distinct_names
-from regfit.engine import StepEngine, refuse_closure_optimizers
-from regfit.guard import stability_problem
+from regfit.engine import StepEngine, bind_checked, refuse_closure_optimizers
 from regfit.term import Term
 
 __all__ = ["attach", "Hooks", "unwrap"]
@@ -150,17 +149,8 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *regularizations:
     bound = [r.bound for r in regularizations]
     for b in bound:
         b.assign(model)
-        orphans = b.bind(None, [optimizer])
-        if orphans:
-            log.warning("%s %r: %d selected parameters are not in the optimizer, so no step moves them and the %s "
-                        "leaves them alone: %s", b.kind, b.name, len(orphans), b.kind.lower(), ", ".join(orphans[:5]))
-        if isinstance(b, Term):
-            problem = stability_problem(b)
-            if problem:
-                raise ValueError(f"Term {b.name!r} ({b.penalty!r}, {b.mode.name}, λ={b.strength:g}): {problem}")
-            report = decay_report(b, [optimizer])
-            if report:
-                log.warning(report.message(type(optimizer).__name__))
+        for warning in bind_checked(b, [optimizer]):
+            log.warning(warning)
     hooks = Hooks(model, optimizer, bound)
     engine = StepEngine.of(optimizer)
     engine.count_steps = True

@@ -31,9 +31,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from regfit.binding import decay_report
 from regfit.callback import BoundCallback, is_logging_step
-from regfit.guard import check_value, check_weights, stability_problem
+from regfit.guard import check_value, check_weights
 from regfit.modes import ModeSpec, resolve_mode
 from regfit.penalties import Penalty, resolve_penalty
 from regfit.scaling import ScaleRule
@@ -144,15 +143,7 @@ class Regularization(BoundCallback):
 
     # ---- fit start ------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        problem = stability_problem(self.term)
-        if problem:
-            raise ValueError(f"Term {self.name!r} ({self.term.penalty!r}, {self.term.mode.name}, λ={self.term.strength:g}): "
-                             f"{problem}")
-        report = decay_report(self.term, trainer.optimizers)
-        if report:
-            names = ", ".join(sorted({type(o).__name__ for o in trainer.optimizers}))
-            rank_zero_warn(report.message(names))
+        super().on_fit_start(trainer, pl_module)  # binds, checks and warns (regfit.engine.bind_checked)
         n = sum(a.param.numel() for a in self.assignments)
         log.info("Term %r: %s, λ=%g, %s on %d tensors (%d weights).", self.name, self.term.penalty,
                  self.term.strength, self.term.mode, len(self.assignments), n)

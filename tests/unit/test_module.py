@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import copy
-import csv
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
@@ -80,30 +77,6 @@ def test_validation_logs_val_data_loss(tmp_path):
                         enable_model_summary=False, callbacks=[Regularization("l2", strength=1e-3)])
     trainer.fit(TinyNet(dtype=torch.float32), Batches(data), Batches(data[:2]))
     assert len(column(read_metrics(logger), "val/data_loss")) == 2
-
-
-def test_plain_lightning_module_is_regularized_too():
-    """A plain LightningModule gets the same step as a RegModule (the engine hangs on the
-    optimizer's hooks, not on RegModule)."""
-
-    class Plain(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = TinyNet()
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return F.cross_entropy(self.net(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-
-    data = batches(50)
-    plain = Plain()
-    ref = copy.deepcopy(plain.net)
-    fit(plain, data, [Regularization(L2(), strength=1e-2)])
-    reference_loop(ref, torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2), data)
-    assert max_param_diff(plain.net, ref) == 0.0
 
 
 def test_two_terms_with_one_name_is_an_error():

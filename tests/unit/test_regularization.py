@@ -42,16 +42,29 @@ def test_a_clipping_hook_without_super_keeps_the_coupled_term_after_clipping():
 
 
 class Plain(L.LightningModule):
-    def __init__(self):
+    """A LightningModule that knows nothing of regfit."""
+
+    def __init__(self, lr: float = 0.5):
         super().__init__()
         self.net = TinyNet()
+        self.lr = lr
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         return F.cross_entropy(self.net(x), y)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def test_a_plain_lightning_module_is_regularized_too():
+    """The step engine hangs on the optimizer's hooks, not on RegModule."""
+    data = batches(50)
+    plain = Plain(lr=0.05)
+    ref = copy.deepcopy(plain.net)
+    fit(plain, data, [Regularization(L2(), strength=1e-2)])
+    reference_loop(ref, torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2), data)
+    assert max_param_diff(plain.net, ref) == 0.0
 
 
 def test_a_plain_lightning_module_with_clipping_gets_the_coupled_gradient_after_clipping():
