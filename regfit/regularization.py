@@ -32,7 +32,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from regfit.callback import BoundCallback, is_logging_step
-from regfit.guard import check_value, check_weights
+from regfit.guard import check_value, check_weights, stability_problem
 from regfit.modes import ModeSpec, resolve_mode
 from regfit.penalties import Penalty, resolve_penalty
 from regfit.scaling import ScaleRule
@@ -122,13 +122,19 @@ class Regularization(BoundCallback):
     @property
     def strength(self) -> float:
         """λ now (before any schedule). Set it mid-run to change λ from the next step on: it
-        is checked like the constructor's, logged as ``train/strength/<name>`` and saved in
+        is checked like the constructor's (and refused if the term's own step would then blow
+        the weights up at the current lr), logged as ``train/strength/<name>`` and saved in
         checkpoints (a resumed run continues with it)."""
         return self.term.strength
 
     @strength.setter
     def strength(self, value: float) -> None:
-        self.term.strength = value
+        before = self.term.strength
+        self.term.strength = value  # validated: a number ≥ 0
+        problem = stability_problem(self.term)  # against the bound groups' current lr
+        if problem:
+            self.term.strength = before
+            raise ValueError(f"Term {self.name!r}: strength={value!r} is refused, λ stays {before!r}: {problem}")
 
     @property
     def on_nonfinite(self) -> OnNonFinite:

@@ -210,3 +210,61 @@ def test_remote_logger_failure_keeps_local_checkpoints_and_csv(tmp_path):
     assert last["global_step"] == 6
     on_exc = torch.load(tmp_path / "ckpt" / "on_exception.ckpt", weights_only=False)
     assert on_exc["global_step"] == 6 and any("Regularization" in k for k in on_exc["callbacks"])
+
+
+class LogBarrier(Penalty):
+    """R(w) = −Σ log w, written as a user would: NaN for w < 0. Its gradient
+    −1/w is finite wherever w ≠ 0, so the updates pass the per-step check; only the value
+    (what the logs show) leaves the domain."""
+
+    name = "logbarrier"
+
+    def value(self, w):
+        return -torch.log(w).sum()
+
+    def grad(self, w):
+        return -1.0 / w
+
+
+def test_a_penalty_value_that_is_not_a_number_stops_the_run_on_a_logging_step(tmp_path):
+    """It used to log NaN as train/penalty every step and exit 0."""
+    with pytest.raises(NonFinitePenaltyError, match=r"Term 'logbarrier' .*penalty value is nan at finite weights"):
+        fit(TinyNet(), batches(4), [Regularization(LogBarrier(), strength=1e-6, include=["body.0.weight"])],
+            logger=CSVLogger(tmp_path), log_every_n_steps=1)
+    # skip: a warning, and the run goes on
+    fit(TinyNet(), batches(2), [Regularization(LogBarrier(), strength=1e-6, include=["body.0.weight"], on_nonfinite="skip")],
+        logger=CSVLogger(tmp_path), log_every_n_steps=1)
+
+
+def test_a_divergence_the_terms_own_step_causes_is_named_so():
+    """SGD with lr·λ > 2: w ← w(1 − lr·λ) grows whatever the data; the message says the term
+    does it (it used to blame the data step). Refused at fit start; a λ raised mid-run that
+    gets there is named on the logging step that finds the weights non-finite."""
+    from regfit.guard import check_weights
+
+    model = TinyNet()
+    reg = Regularization(L2(), strength=1e-2)
+    fit(model, batches(2), [reg])
+    reg.term.strength = 50.0  # lr 0.1 · 50 = 5 > 2
+    with torch.no_grad():
+        model.body[0].weight[0, 0] = float("inf")
+    with pytest.raises(NonFinitePenaltyError, match=r"the term itself is the cause: with lr = 0.1, λ·c = 50 .*"
+                                                    r"\|1 − lr·λ·c\| = 4 > 1"):
+        check_weights(reg.term, reg.term.weight_stats()[0])
+
+
+def test_a_strength_set_mid_run_that_would_blow_the_weights_up_is_refused():
+    model = TinyNet()
+    reg = Regularization(L2(), strength=1e-2, mode="decoupled")
+    fit(model, batches(2), [reg])
+    with pytest.raises(ValueError, match=r"decoupled step η·λ·c = 2 ≥ 1"):
+        reg.strength = 20.0  # lr 0.1
+    assert reg.strength == 1e-2  # unchanged
+
+
+def test_a_strength_that_freezes_adam_is_refused_at_fit_start():
+    """λ = 1e30 with Adam (coupled): g² overflows float32 in Adam's second moment and the
+    weights stop moving, silently."""
+    model = TinyNet(dtype=torch.float32, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    with pytest.raises(ValueError, match=r"whose square overflows torch.float32 in the optimizer's second moment"):
+        fit(model, batches(2, dtype=torch.float32), [Regularization(L2(), strength=1e30)])
