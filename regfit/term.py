@@ -159,7 +159,10 @@ class Term(Bound):
         the model's dependency graph); each tensor of a group takes the group's coefficient."""
         from regfit.units import unit_bundles
 
-        self.bundles = unit_bundles(model, self.assignments, f"Term {self.name!r}")
+        try:
+            self.bundles = unit_bundles(model, self.assignments, f"Term {self.name!r}")
+        except ImportError as exc:  # the export extra is missing: a setup mistake, named as one
+            raise ValueError(f"Term {self.name!r} ({self.penalty!r}): {exc}") from None
         coeff = {}
         for b in self.bundles:
             for p in b.params:

@@ -106,3 +106,13 @@ def test_without_torch_pruning_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_pruning", None)
     with pytest.raises(ImportError, match=r"pip install -c constraints.txt 'regfit\[export\]'"):
         unit_groups(ResidualCNN())
+
+
+def test_a_unit_term_without_torch_pruning_is_a_value_error_naming_the_extra(monkeypatch):
+    from regfit import Regularization
+    from regfit.penalties import GroupLasso
+
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)
+    reg = Regularization(GroupLasso(units=True), mode="proximal")
+    with pytest.raises(ValueError, match=r"Term 'grouplasso' \(GroupLasso\(units=True\)\): .*regfit\[export\]"):
+        reg.term.assign(ResidualCNN())
