@@ -160,7 +160,8 @@ class UnitGroup:
         return ~_any_nonzero(self.incoming, self.size) if self.incoming else torch.zeros(self.size, dtype=torch.bool)
 
     def numel(self, units: Tensor | None = None) -> int:
-        """Parameters the given units (a bool mask; default all) hold over every slice."""
+        """Parameters the given units (a bool mask; default all) hold over every slice (an
+        entry in a slice of two groups — a kernel between two thinned layers — counts in both)."""
         count = 0
         for s in (*self.incoming, *self.outgoing, *self.passive):
             per_position = s.param[0].numel() if s.dim == 0 else s.param.numel() // s.param.shape[s.dim]
