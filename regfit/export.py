@@ -167,6 +167,10 @@ def _removable(g: UnitGroup, ignore: Sequence[str]) -> tuple[Tensor, str]:
         )
     if g.output:
         return none, "outputs of the model"
+    if zero.all():  # a layer of width 0 cannot run: one zero unit stays (it changes nothing)
+        zero = zero.clone()
+        zero[0] = False
+        return zero, "one unit stays: a layer needs one"
     return zero, ""
 
 

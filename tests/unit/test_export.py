@@ -159,3 +159,12 @@ def test_a_mix_over_channels_the_graph_does_not_see_is_caught_by_the_output_chec
     zero_((model.a.weight, [1]), (model.a.bias, [1]), (model.b.weight, [1]), (model.b.bias, [1]))
     with pytest.raises(ThinError, match=r"outputs differ by up to .*ignore=\['a'\]"):
         thin(model, torch.randn(3, 6))
+
+
+def test_a_layer_whose_units_are_all_zero_keeps_one(digits):
+    model = MLP(widths=[16])
+    zero_((model.body[0].weight, slice(None)), (model.body[0].bias, slice(None)))
+    result = thinning(model, digits.flatten(1)[:8])
+    assert result.model.body[0].out_features == 1 and result.groups[0].removed == 15
+    assert result.groups[0].kept == "one unit stays: a layer needs one"
+    assert_same_outputs(model, result.model, digits.flatten(1))
