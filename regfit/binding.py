@@ -33,10 +33,11 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from regfit.modes import Bucket
+from regfit.modes import Bucket, unit_view
 from regfit.selection import ParamInfo, Selector
 
-__all__ = ["Assignment", "Bound", "bucket_by_group", "optimizer_signature", "DecayReport", "decay_report"]
+__all__ = ["Assignment", "Bundle", "Bound", "bucket_by_group", "bucket_bundles", "optimizer_signature", "DecayReport",
+           "decay_report"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,26 @@ class Assignment:
     def oriented(self) -> Tensor:
         """The tensor with its output units along dim 0 (a view: writes reach the parameter)."""
         return self.param.transpose(0, 1) if self.out_dim else self.param
+
+
+@dataclass(frozen=True, eq=False)
+class Bundle:
+    """Slices of several selected tensors that hold one group per unit — a Conv filter with
+    its bias and BatchNorm channel (:mod:`regfit.units`): what a penalty with ``units``
+    acts on as one, in one bucket.
+
+    ``views[i]`` is ``(dim, start, length)``: the rows of ``params[i]`` along ``dim`` that
+    hold the units, in unit order; ``coeff`` is c(w) of the whole group."""
+
+    name: str  # the layer whose units these are
+    names: tuple[str, ...]
+    params: tuple[Tensor, ...]
+    views: tuple[tuple[int, int, int], ...]
+    coeff: float
+
+    def tensors(self) -> list[Tensor]:
+        """The slices, units along dim 0 (views of the parameters)."""
+        return [unit_view(p, v) for p, v in zip(self.params, self.views)]
 
 
 def optimizer_signature(optimizer: torch.optim.Optimizer) -> tuple[int, int, int]:
@@ -97,6 +118,36 @@ def bucket_by_group(
         buckets[key].params.append(a.param)
         buckets[key].names.append(a.name)
     return list(buckets.values()), orphans
+
+
+def bucket_bundles(bundles: Sequence[Bundle], optimizers: Sequence[torch.optim.Optimizer]) -> tuple[list[Bucket], list[str]]:
+    """One bucket per bundle (its tensors are one group each unit: the kernels see them in
+    one call). A bundle's tensors must share one optimizer param group — one step size η
+    for the group's prox; tensors no optimizer updates are left out and returned."""
+    where: dict[int, dict] = {}
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                where[id(p)] = group
+    buckets, orphans = [], []
+    for b in bundles:
+        members = [(n, p, v) for n, p, v in zip(b.names, b.params, b.views) if id(p) in where]
+        orphans += [n for n, p in zip(b.names, b.params) if id(p) not in where]
+        if not members:
+            continue
+        groups = {id(where[id(p)]): where[id(p)] for _, p, _ in members}
+        if len(groups) > 1:
+            lrs = ", ".join(f"{n}: lr {where[id(p)].get('lr')}" for n, p, _ in members)
+            raise ValueError(
+                f"The unit group of {b.name} spans {len(groups)} optimizer param groups ({lrs}); its prox needs one "
+                "step size for the whole group. Put a layer's weight, bias and norm parameters in one param group, "
+                "or exclude the tensors of the other group from the term."
+            )
+        group = next(iter(groups.values()))
+        lr0 = float(group.get("initial_lr", group.get("lr", 0.0)))
+        buckets.append(Bucket([p for _, p, _ in members], b.coeff, group, initial_lr=lr0, max_lr=lr0,
+                              names=[n for n, _, _ in members], views=[v for _, _, v in members]))
+    return buckets, list(dict.fromkeys(orphans))
 
 
 class Bound:

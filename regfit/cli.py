@@ -5,11 +5,12 @@
     regfit fit --config configs/mnist_l2.yaml [--regularization.strength=1e-3] [--optimizer.lr=0.1]
     regfit validate|test|predict --config FILE [--ckpt_path=…]
     regfit groups --config FILE [--plain]     # which parameter gets which penalty; no training
+    regfit thin --config FILE --ckpt_path CKPT --out model.pt   # remove the units that are exactly zero
     regfit sweep SWEEP.yaml                    # a W&B sweep file, run locally and offline
 
 ``fit``/``validate``/``test``/``predict`` are :class:`~regfit.lightning_cli.RegfitCLI`
 (LightningCLI with a ``regularization:`` section); the others live in their own modules
-(:mod:`regfit.groups`, :mod:`regfit.sweep`). A user mistake (unknown penalty or mode,
+(:mod:`regfit.groups`, :mod:`regfit.thin_command`, :mod:`regfit.sweep`). A user mistake (unknown penalty or mode,
 negative λ, a selector matching nothing, a missing config file, …) ends the command with
 exit code 2 and one paragraph on stderr (:mod:`regfit.errors`); ``--debug`` (or
 ``REGFIT_DEBUG=1``) shows the traceback instead.
@@ -46,6 +47,8 @@ OVERVIEW = """regfit: weight regularization for PyTorch Lightning.
 
   regfit fit|validate|test|predict --config FILE [--section.key=value ...]
   regfit groups --config FILE [--plain]   which parameter gets which penalty (no training)
+  regfit thin --config FILE --ckpt_path CKPT --out FILE
+                                          save the model without its exactly-zero units
   regfit sweep SWEEP.yaml                 run a W&B sweep file locally, offline
   add --debug (or REGFIT_DEBUG=1) to see tracebacks
 
@@ -61,6 +64,10 @@ def _dispatch(argv: list[str]) -> int:
         from regfit.groups import main as groups_main
 
         return groups_main(argv[1:])
+    if argv and argv[0] == "thin":
+        from regfit.thin_command import main as thin_main
+
+        return thin_main(argv[1:])
     if argv and argv[0] == "sweep":
         return _sweep(argv[1:])
     if argv and argv[0] in ("fit", "validate", "test", "predict"):

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import re
 from argparse import ArgumentError
-from typing import Sequence
+from typing import Any, Sequence
 
-__all__ = ["UsageError", "EXIT_USAGE", "ENV_DEBUG", "format_error", "is_user_error", "check_config_given", "config_files"]
+__all__ = ["UsageError", "EXIT_USAGE", "ENV_DEBUG", "format_error", "is_user_error", "check_config_given", "config_files",
+           "take_option", "check_readable", "check_writable"]
 
 ENV_DEBUG = "REGFIT_DEBUG"
 EXIT_USAGE = 2
@@ -127,3 +128,54 @@ def check_config_given(command: str, argv: Sequence[str]) -> None:
         raise UsageError(f"{bare[0]} is given without --config: run `regfit {command} --config {bare[0]}`.")
     if command == "groups" and not given:
         raise UsageError("`regfit groups` needs a config: `regfit groups --config configs/mnist_l2.yaml [--plain]`.")
+    if command == "thin" and not given:
+        raise UsageError("`regfit thin` needs the config the checkpoint was trained with: `regfit thin --config "
+                         "configs/mnist_cnn_thin.yaml --ckpt_path last.ckpt --out model.pt`.")
+
+
+def take_option(argv: Sequence[str], name: str, repeat: bool = False) -> tuple[Any, list[str]]:
+    """``(value, the other arguments)`` for an option written ``NAME VALUE`` or
+    ``NAME=VALUE`` (None when absent); ``repeat=True`` collects every occurrence in a list."""
+    values, rest = [], []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == name:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise UsageError(f"{name} needs a value: {name} VALUE.")
+            values.append(args[i + 1])
+            i += 2
+            continue
+        if arg.startswith(name + "="):
+            values.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+        i += 1
+    if repeat:
+        return values, rest
+    if len(values) > 1:
+        raise UsageError(f"{name} is given {len(values)} times ({', '.join(values)}); give it once.")
+    return (values[0] if values else None), rest
+
+
+def check_readable(path: str, option: str = "--ckpt_path") -> None:
+    """A file the command must read: exists, is a file, can be opened."""
+    if not os.path.exists(path):
+        raise UsageError(f"{option} {path}: no such file (relative paths start from {os.getcwd()}).")
+    if not os.path.isfile(path):
+        raise UsageError(f"{option} {path} is a directory; give the checkpoint file, e.g. {path.rstrip('/')}/last.ckpt.")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{option} {path} cannot be read (permissions); check the file's owner and mode.")
+
+
+def check_writable(path: str, option: str = "--out") -> None:
+    """A file the command will write: its folder exists and takes new files, and the path
+    is not a folder. Checked before any work, so that nothing is computed for nothing."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path} is a directory; give a file name, e.g. {os.path.join(path, 'model.pt')}.")
+    if not os.path.isdir(folder):
+        raise UsageError(f"{option} {path}: the folder {folder} does not exist; create it first (mkdir -p {folder}).")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: the folder {folder} is not writable; choose another --out.")

@@ -29,6 +29,11 @@ __all__ = [
     "group_lasso_value",
     "group_lasso_grad",
     "block_soft_threshold",
+    "bundle_norms",
+    "bundle_group_size",
+    "group_lasso_bundle_value",
+    "group_lasso_bundle_grad",
+    "block_soft_threshold_bundle_",
 ]
 
 
@@ -248,3 +253,65 @@ def block_soft_threshold(w: Tensor, t: float | Tensor) -> Tensor:
     tg = t * _group_weight(w)
     factor = torch.clamp(1.0 - tg / torch.clamp(norms, min=torch.finfo(w.dtype).tiny), min=0.0)
     return w * factor.reshape((-1,) + (1,) * (w.ndim - 1))
+
+
+# ---- a group spread over several tensors ----------------------------------------------------
+#
+# A *bundle* is a list of tensors whose slices along dim 0 belong together: slice u of every
+# tensor is one group g_u (a Conv filter u with bias u and BatchNorm scale/shift u). All
+# tensors of a bundle have the same size along dim 0; a bundle of one tensor is the plain
+# row-wise group lasso above.
+
+
+def bundle_group_size(ws: list[Tensor]) -> int:
+    """|g|, the entries of one group: the sum over the bundle of one slice's size."""
+    return sum(w[0].numel() if w.ndim else 1 for w in ws)
+
+
+def bundle_norms(ws: list[Tensor]) -> Tensor:
+    """‖g_u‖₂ for each group u of a bundle: √(Σ_t ‖w_t[u]‖²) over its tensors w_t."""
+    if len(ws) == 1:
+        return row_norms(ws[0])
+    return torch.stack([row_norms(w) for w in ws]).square().sum(0).sqrt()
+
+
+def group_lasso_bundle_value(ws: list[Tensor]) -> Tensor:
+    """``Σ_u √|g|·‖g_u‖₂`` over the groups of a bundle (Yuan & Lin 2006).
+
+    >>> group_lasso_bundle_value([torch.tensor([[3.0], [0.0]]), torch.tensor([4.0, 0.0])])  # √2·5
+    tensor(7.0711)
+    """
+    return math.sqrt(bundle_group_size(ws)) * bundle_norms(ws).sum()
+
+
+def _per_row(factor: Tensor, w: Tensor) -> Tensor:
+    return factor.to(w.dtype).reshape((-1,) + (1,) * (w.ndim - 1))
+
+
+def group_lasso_bundle_grad(ws: list[Tensor]) -> list[Tensor]:
+    """``√|g|·w_t[u]/‖g_u‖₂`` for each tensor w_t; the subgradient 0 for a group that is all 0."""
+    norms = bundle_norms(ws)
+    inv = torch.where(norms > 0, 1.0 / torch.clamp(norms, min=torch.finfo(norms.dtype).tiny), 0.0)
+    inv = inv * math.sqrt(bundle_group_size(ws))
+    return [w * _per_row(inv, w) for w in ws]
+
+
+def block_soft_threshold_bundle_(ws: list[Tensor], t: float) -> list[Tensor]:
+    """In place: the proximal operator of ``t·Σ_u √|g|·‖g_u‖₂`` on a bundle.
+
+    .. math:: g_u \\leftarrow g_u \\cdot \\max\\Big(0,\\; 1 - \\frac{t\\sqrt{|g|}}{\\lVert g_u \\rVert_2}\\Big)
+
+    Every slice of group u is scaled by the same factor, so a group whose norm is at most
+    t√|g| becomes exactly zero in every tensor at once — a filter with its bias and
+    BatchNorm scale and shift. One norm and one multiply per tensor (``ws`` may be views).
+
+    >>> w, b = torch.tensor([[3.0], [0.1]]), torch.tensor([4.0, 0.1])
+    >>> block_soft_threshold_bundle_([w, b], 0.5)[1]  # group 0 shrinks by t√2 in norm; group 1 goes
+    tensor([3.4343, 0.0000])
+    """
+    norms = bundle_norms(ws)
+    tg = t * math.sqrt(bundle_group_size(ws))
+    factor = torch.clamp(1.0 - tg / torch.clamp(norms, min=torch.finfo(norms.dtype).tiny), min=0.0)
+    for w in ws:
+        w.mul_(_per_row(factor, w))
+    return ws

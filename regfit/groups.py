@@ -10,7 +10,10 @@ optimizer's own weight decay reaches tensors a term regularizes (twice) or exclu
 the same), a note under the table says so.
 
 It answers "is my bias decayed?", "did ``exclude: [last_layer]`` hit the head?" and
-"what does ``scale: fan`` make of λ?" before any compute is spent.
+"what does ``scale: fan`` make of λ?" before any compute is spent. With ``--ckpt_path`` it
+reads a trained checkpoint's weights first; then the totals say, for a ``GroupLasso`` term,
+how many of its groups are exactly zero, and a line under them gives the model's size after
+``regfit thin`` (:mod:`regfit.export`).
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ from torch import nn
 import torch
 
 from regfit.binding import decay_report
+from regfit.functional import bundle_norms, row_norms
 from regfit.modes import Mode
+from regfit.penalties import GroupLasso
 from regfit.regularization import Regularization
+from regfit.term import Term
 
 __all__ = ["Row", "TermTotal", "parameter_table", "render", "main"]
 
@@ -61,6 +67,7 @@ class TermTotal:
     tensors: int
     numel: int
     value: float  # λ·Σ c·R(w) at the current weights
+    zero_groups: tuple[int, int] | None = None  # (exactly zero, all) groups of a GroupLasso term
 
 
 def mode_label(mode: Mode) -> str:
@@ -93,7 +100,7 @@ def parameter_table(model: nn.Module, terms: Sequence[Regularization],
                     mode, a.aliases, decay.get(id(a.param)) if optimizers else None)
             )
         totals.append(TermTotal(term.name, repr(term.penalty), mode, term.strength, len(assignments),
-                                sum(a.param.numel() for a in assignments), float(term.value())))
+                                sum(a.param.numel() for a in assignments), float(term.value()), zero_groups(term)))
     rows = []
     for name, param in model.named_parameters():  # each tensor once, under its first name
         if id(param) in by_param:
@@ -103,6 +110,37 @@ def parameter_table(model: nn.Module, terms: Sequence[Regularization],
             rows.append(Row(name, tuple(param.shape), param.numel(), None, why, None, "-", tuple(aliases[id(param)][1:]),
                             decay.get(id(param)) if optimizers else None))
     return rows, totals
+
+
+def zero_groups(term: Term) -> tuple[int, int] | None:
+    """(groups exactly zero, groups) of a ``GroupLasso`` term at the current weights — unit
+    groups with ``units=True``, rows (``dim=0``) or columns (``dim=1``) of each tensor
+    otherwise — or None for another penalty."""
+    penalty = term.penalty
+    if not isinstance(penalty, GroupLasso):
+        return None
+    with torch.no_grad():
+        if penalty.units:
+            norms = [bundle_norms(b.tensors()) for b in term.bundles]
+        else:
+            norms = [row_norms(a.oriented.transpose(0, 1) if penalty.dim and a.param.ndim >= 2 else a.oriented)
+                     for a in term.assignments]
+    return sum(int((n == 0).sum()) for n in norms), sum(n.numel() for n in norms)
+
+
+def thinning_note(model: nn.Module, terms: Sequence[Regularization]) -> str | None:
+    """What ``regfit thin`` would make of the model now, for a config with a GroupLasso term
+    (None without one): units removable and parameters before → after, or why not known."""
+    if not any(isinstance(reg.term.penalty, GroupLasso) for reg in terms):
+        return None
+    from regfit.export import thinning
+
+    try:
+        result = thinning(model)
+    except (ImportError, ValueError) as exc:
+        return f"size after `regfit thin` unknown: {exc}"
+    return (f"After `regfit thin`: {result.removed_units} zero units removed, {result.params_before:,} → "
+            f"{result.params_after:,} parameters ({result.ratio:.1%}).")
 
 
 def decay_notes(terms: Sequence[Regularization], optimizers: Sequence[torch.optim.Optimizer]) -> list[str]:
@@ -124,13 +162,13 @@ def _cells(rows: list[Row], totals: list[TermTotal]) -> tuple[list[list[str]], l
     body = [[r.label, _fmt_shape(r.shape), f"{r.numel:,}", r.term or "-", r.penalty,
              "-" if r.coeff is None else f"{r.coeff:.4g}", r.mode,
              "-" if r.weight_decay is None else f"{r.weight_decay:g}"] for r in rows]
-    foot = [[t.term, t.penalty, t.mode, f"{t.strength:.4g}", str(t.tensors), f"{t.numel:,}", f"{t.value:.4g}"]
-            for t in totals]
+    foot = [[t.term, t.penalty, t.mode, f"{t.strength:.4g}", str(t.tensors), f"{t.numel:,}", f"{t.value:.4g}",
+             "-" if t.zero_groups is None else f"{t.zero_groups[0]:,} of {t.zero_groups[1]:,}"] for t in totals]
     return body, foot
 
 
 PARAM_HEADER = ["parameter", "shape", "numel", "term", "penalty", "λ·c", "mode", "opt wd"]
-TOTAL_HEADER = ["term", "penalty", "mode", "λ", "tensors", "numel", "λ·Σc·R(w) now"]
+TOTAL_HEADER = ["term", "penalty", "mode", "λ", "tensors", "numel", "λ·Σc·R(w) now", "zero groups"]
 
 
 def _summary(rows: list[Row]) -> str:
@@ -183,17 +221,19 @@ def render(rows: list[Row], totals: list[TermTotal], file: IO[str], plain: bool 
         console.print(f"[bold]Note:[/bold] {note}", markup=True, highlight=False)
 
 
-USAGE = """usage: regfit groups --config FILE [--plain] [--section.key=value ...]
+USAGE = """usage: regfit groups --config FILE [--plain] [--ckpt_path CKPT] [--section.key=value ...]
 
 Print which parameter gets which penalty, λ·c and mode, for the model and Regularization
-terms of a config (the same overrides as `regfit fit`), without training.
+terms of a config (the same overrides as `regfit fit`), without training. With --ckpt_path,
+at the weights of a checkpoint: how many groups of a GroupLasso term are exactly zero, and
+the model's size after `regfit thin`.
 """
 
 
 def main(argv: Sequence[str]) -> int:
     """``regfit groups`` entry point; errors propagate to :func:`regfit.cli.main`."""
-    from regfit.errors import check_config_given
-    from regfit.lightning_cli import run_cli
+    from regfit.errors import check_config_given, check_readable, take_option
+    from regfit.lightning_cli import load_weights, run_cli
     from regfit.regularization import regularizations
 
     args = list(argv)
@@ -204,12 +244,19 @@ def main(argv: Sequence[str]) -> int:
     logging.getLogger("lightning").setLevel(logging.WARNING)
     plain = "--plain" in args
     args = [a for a in args if a != "--plain"]
+    ckpt_path, args = take_option(args, "--ckpt_path")
     check_config_given("groups", args)
+    if ckpt_path is not None:
+        check_readable(ckpt_path)
     cli = run_cli(args, run=False)
+    if ckpt_path is not None:
+        load_weights(cli.model, ckpt_path)
     terms = regularizations(cli.trainer)
     optimizers = _optimizers(cli.model)
     rows, totals = parameter_table(cli.model, terms, optimizers)
-    render(rows, totals, sys.stdout, plain=plain, notes=decay_notes(terms, optimizers))
+    notes = decay_notes(terms, optimizers)
+    size = thinning_note(cli.model, terms)
+    render(rows, totals, sys.stdout, plain=plain, notes=[*notes, *([size] if size else [])])
     return 0
 
 

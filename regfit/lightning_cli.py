@@ -27,7 +27,7 @@ from regfit.regularization import Regularization
 from regfit.wandb_setup import configure_wandb
 from regfit.weight_histograms import WeightHistograms, wandb_loggers
 
-__all__ = ["RegfitCLI", "RegfitSaveConfig", "run_cli"]
+__all__ = ["RegfitCLI", "RegfitSaveConfig", "run_cli", "load_weights"]
 
 log = logging.getLogger("regfit")
 
@@ -131,3 +131,32 @@ def run_cli(args: Sequence[str], run: bool = True, **kwargs: Any) -> RegfitCLI:
     # Lightning's "args and sys.argv both given" warning does not apply.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     return RegfitCLI(args=list(args), run=run, **kwargs)
+
+
+def load_weights(model: LightningModule, ckpt_path: str) -> None:
+    """The weights of a Lightning checkpoint (``state_dict``) into ``model``, as ``regfit fit
+    --ckpt_path`` would resume them; a file that is not such a checkpoint, or one for
+    another model, is a :class:`~regfit.errors.UsageError` naming the fix."""
+    import torch
+
+    from regfit.errors import UsageError
+
+    try:
+        # The checkpoint is the user's own file, as for Lightning's --ckpt_path: it holds
+        # hyperparameters and callback states besides tensors.
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same mistake
+        raise UsageError(f"--ckpt_path {ckpt_path} is not a checkpoint torch can read ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}). Give a .ckpt file that regfit fit saved, "
+                         "e.g. lightning_logs/version_0/checkpoints/last.ckpt.") from None
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise UsageError(f"--ckpt_path {ckpt_path} holds no state_dict: it is not a Lightning checkpoint. Give a .ckpt "
+                         "file that regfit fit saved.")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()
+        raise UsageError(f"--ckpt_path {ckpt_path} was not saved from the model of this config "
+                         f"({type(model).__name__}): {' '.join(line.strip() for line in first[:3])} Give the config "
+                         "the checkpoint was trained with (and the same --model.init_args overrides).") from None

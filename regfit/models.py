@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -154,6 +155,9 @@ class MLP(Classifier):
             n_in = width
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(n_in, num_classes)
+        # Lightning's convention for a batch of the input's shape: its model summary shows
+        # layer sizes from it, and regfit traces it for the units GroupLasso and thinning see.
+        self.example_input_array = torch.zeros(1, in_features)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x.flatten(1)))
@@ -213,6 +217,7 @@ class CNN(Classifier):
         n_flat = c_in * (image_size >> len(channels)) ** 2
         self.fc = nn.Sequential(nn.Linear(n_flat, hidden), _activation(activation)) if hidden else nn.Identity()
         self.head = nn.Linear(hidden or n_flat, num_classes)
+        self.example_input_array = torch.zeros(1, in_channels, image_size, image_size)  # as in MLP
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.fc(self.features(x).flatten(1)))

@@ -46,7 +46,10 @@ class Bucket:
     read at every step; ``initial_lr`` and ``max_lr`` are what the decoupled step-size
     variants need. ``out_dim`` 1 means the kernels get each tensor (and gradient)
     transposed, its output units first (HF ``Conv1D``, transposed convs), for penalties
-    that act on rows.
+    that act on rows. ``views`` (one ``(dim, start, length)`` per parameter) instead hands
+    the kernels ``p.transpose(0, dim).narrow(0, start, length)``: the slices of one unit
+    group (:mod:`regfit.units`), whose tensors hold the unit along different dims, or only
+    some of their rows (a BatchNorm after a concatenation).
     """
 
     params: list[Tensor]
@@ -56,6 +59,7 @@ class Bucket:
     max_lr: float = 0.0
     names: list[str] = field(default_factory=list)
     out_dim: int = 0
+    views: list[tuple[int, int, int]] | None = None
     #: scratch space a mode may keep between ``prepare`` and ``apply`` of one step
     state: dict[str, Any] = field(default_factory=dict, repr=False)
     _sharded: bool | None = field(default=None, init=False, repr=False, compare=False)
@@ -87,6 +91,9 @@ class Bucket:
             if g is not None:
                 params.append(p)
                 grads.append(g)
+        if self.views is not None:  # a unit group (never sharded: refused at assignment)
+            views = [v for p, v in zip(self.params, self.views) if p.grad is not None]
+            return [unit_view(p, v) for p, v in zip(params, views)], [unit_view(g, v) for g, v in zip(grads, views)]
         if self._has_shards():
             params, grads = [local(p) for p in params], [local(g) for g in grads]
         if self.out_dim:  # views: the kernels' in-place writes reach the parameter
@@ -99,6 +106,15 @@ class Bucket:
         if self._sharded is None:
             self._sharded = any(map(is_sharded, self.params))
         return self._sharded
+
+
+def unit_view(t: Tensor, view: tuple[int, int, int]) -> Tensor:
+    """The rows ``start … start + length`` of ``t`` with dim ``dim`` first (a view: writes reach ``t``)."""
+    dim, start, length = view
+    if t.ndim == 0:
+        return t
+    t = t.transpose(0, dim) if dim else t
+    return t if start == 0 and length == t.shape[0] else t.narrow(0, start, length)
 
 
 class Mode(Hyperparams):

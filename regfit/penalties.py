@@ -20,6 +20,9 @@ penalty                 R(w)                                            equivale
 ``SpectralNorm()``      σ_max(W), by power iteration                    —
 ======================  ==============================================  =====================
 
+``GroupLasso(units=True)`` takes as a group a whole unit of the model — a filter with its
+bias and BatchNorm channel — so that its prox zeroes what :func:`regfit.export.thin` removes.
+
 Matrix penalties (``Orthogonal``, ``Nuclear``, ``SpectralNorm``) see a tensor of shape
 (out, …) as the matrix W = w.reshape(out, −1): a Linear weight as is, a Conv weight with
 one row per output filter. They refuse 1-d tensors (add ``exclude: ["ndim<2"]``).
@@ -66,6 +69,11 @@ class Penalty(Hyperparams):
     #: penalty is refused on sharded parameters. Set ``"any"`` on your own penalty when
     #: R(w) = Σ_i r(w_i) and its grad/prox act entry by entry.
     shard_dims: str | tuple[int, ...] = ()
+    #: Whether the groups are whole units of the model spread over several tensors (a
+    #: filter with its bias and norm channel, see :mod:`regfit.units`): the term then hands
+    #: each batched kernel the tensors of one unit group, units along dim 0
+    #: (``GroupLasso(units=True)``).
+    units: bool = False
 
     def value(self, w: Tensor) -> Tensor:
         """R(w) as a 0-dim tensor."""
@@ -383,30 +391,57 @@ class GroupLasso(Penalty):
     — HF ``Conv1D``, transposed convs — are seen with their output units first, so
     ``dim=0`` means output units there too. Yuan & Lin (2006).
 
+    ``units=True`` makes a group a whole unit of the model: filter u of a Conv *together
+    with* entry u of its bias, the scale and shift of the BatchNorm channel after it and,
+    across a residual addition, channel u of every layer added to it — the tensors that
+    produce the channel, as the model's dependency graph says (:mod:`regfit.units`, needs
+    ``pip install -c constraints.txt 'regfit[export]'`` and the model's
+    ``example_input_array``). The prox then zeroes all of them at once, so the channel is
+    exactly zero for every input and :func:`regfit.export.thin` removes it; with
+    ``dim=0`` a unit whose weights are zero but whose bias is not still feeds that bias
+    forward, and is kept. The term's selected tensors take part; a selected tensor that
+    belongs to no unit (a layer whose units are the model's outputs) keeps row groups.
+    The group's coefficient λ·c is that of its first tensor (the layer's weight).
+
     >>> w = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
     >>> GroupLasso().value(w), GroupLasso(dim=1).value(w)  # √2·(5 + 0), √2·(3 + 4)
     (tensor(7.0711), tensor(9.8995))
     >>> GroupLasso(dim=1).prox(torch.tensor([[3.0, 0.1], [4.0, 0.1]]), 0.2)  # the 2nd input goes
     tensor([[2.8303, 0.0000],
             [3.7737, 0.0000]])
+    >>> u = GroupLasso(units=True)  # a unit's weight row [3] and bias 4: one group, √2·5
+    >>> u.total([torch.tensor([[3.0], [0.0]]), torch.tensor([4.0, 0.0])], [1.0, 1.0])
+    tensor(7.0711)
 
     Args:
         dim: 0 for a group per output unit, 1 for a group per input feature.
+        units: a group per unit of the model, over every tensor that produces it (``dim=0``).
     """
 
     name = "grouplasso"
 
-    def __init__(self, dim: int = 0) -> None:
+    def __init__(self, dim: int = 0, units: bool = False) -> None:
         if dim not in (0, 1) or isinstance(dim, bool):
             raise ValueError(f"GroupLasso(dim={dim!r}): use 0 (a group per output unit) or 1 (a group per input feature).")
+        if not isinstance(units, bool):
+            raise ValueError(f"GroupLasso(units={units!r}): use true or false.")
+        if units and dim:
+            raise ValueError("GroupLasso(dim=1, units=True): a unit's group is its output row with its bias and norm "
+                             "channel; use GroupLasso(units=True) for units or GroupLasso(dim=1) for input features.")
         self.dim = dim
+        if units:  # only set when used, so GroupLasso() keeps its attributes (checkpoints compare them)
+            self.units = True
 
     @property
     def shard_dims(self) -> tuple[int, ...]:  # type: ignore[override]
-        return (self.dim,)  # a shard of whole groups holds whole groups
+        # A shard of whole groups holds whole groups; a unit spans several tensors, which
+        # regfit does not follow across shards.
+        return () if self.units else (self.dim,)
 
     def __repr__(self) -> str:  # GroupLasso() as before dim existed: checkpoints compare reprs
-        return "GroupLasso()" if self.dim == 0 else f"GroupLasso(dim={self.dim})"
+        args = [f"dim={self.dim}"] if self.dim else []
+        args += ["units=True"] if self.units else []
+        return f"GroupLasso({', '.join(args)})"
 
     def _groups_first(self, w: Tensor) -> Tensor:
         return w.transpose(0, 1) if self.dim and w.ndim >= 2 else w
@@ -419,6 +454,27 @@ class GroupLasso(Penalty):
 
     def prox(self, w: Tensor, t: float) -> Tensor:
         return self._groups_first(F.block_soft_threshold(self._groups_first(w), t))
+
+    # ---- with units=True a call's tensors are one unit group, units along dim 0 ------------
+    def total(self, ws, coeffs):
+        if not self.units:
+            return super().total(ws, coeffs)
+        return coeffs[0] * F.group_lasso_bundle_value([_upcast(w) for w in ws])
+
+    def add_grad_(self, gs, ws, alpha):
+        if not self.units:
+            return super().add_grad_(gs, ws, alpha)
+        torch._foreach_add_(gs, F.group_lasso_bundle_grad(ws), alpha=alpha)
+
+    def decay_(self, ws, alpha):
+        if not self.units:
+            return super().decay_(ws, alpha)
+        torch._foreach_add_(ws, F.group_lasso_bundle_grad(ws), alpha=-alpha)
+
+    def prox_(self, ws, t):
+        if not self.units:
+            return super().prox_(ws, t)
+        F.block_soft_threshold_bundle_(ws, t)
 
 
 def _matrix(w: Tensor) -> Tensor:

@@ -10,15 +10,15 @@ updates with one vectorized call each; :mod:`regfit.engine` runs them in each st
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from regfit.binding import Assignment, Bound
+from regfit.binding import Assignment, Bound, Bundle, bucket_bundles
 from regfit.hyperparams import is_number
-from regfit.modes import Bucket, Mode, Proximal
+from regfit.modes import Bucket, CautiousDecoupled, Mode, Proximal
 from regfit.penalties import Penalty
 from regfit.scaling import ScaleRule, scale_fn
 from regfit.schedules import Schedule
@@ -106,6 +106,13 @@ class Term(Bound):
                 f"Term {self.name!r}: {type(self.penalty).__name__} defines no prox(w, t), so "
                 "mode='proximal' cannot apply it. Use mode='coupled' or 'decoupled', or implement prox()."
             )
+        if self.penalty.units and isinstance(self.mode, CautiousDecoupled):
+            raise ValueError(
+                f"Term {self.name!r}: {self.penalty!r} acts on whole unit groups, and mode='cautious' masks "
+                "entry by entry; use mode='proximal' (exact zeros) or 'coupled'/'decoupled'."
+            )
+        #: with a unit-wise penalty, the unit groups it acts on (:mod:`regfit.units`)
+        self.bundles: list[Bundle] = []
         self._scale = scale_fn(self.scale)
         if self.schedule is not None and not isinstance(self.schedule, Schedule):
             raise ValueError(
@@ -143,7 +150,31 @@ class Term(Bound):
     def assign(self, model: nn.Module) -> list[Assignment]:
         assignments = super().assign(model)
         check_shardable(self.name, self.penalty, assignments)
-        return assignments
+        if self.penalty.units:
+            self._assign_units(model)
+        return self.assignments
+
+    def _assign_units(self, model: nn.Module) -> None:
+        """Group the selected tensors by unit (a filter with its bias and norm channel, from
+        the model's dependency graph); each tensor of a group takes the group's coefficient."""
+        from regfit.units import unit_bundles
+
+        try:
+            self.bundles = unit_bundles(model, self.assignments, f"Term {self.name!r}")
+        except ImportError as exc:  # the export extra is missing: a setup mistake, named as one
+            raise ValueError(f"Term {self.name!r} ({self.penalty!r}): {exc}") from None
+        coeff = {}
+        for b in self.bundles:
+            for p in b.params:
+                coeff.setdefault(id(p), b.coeff)
+        self.assignments = [replace(a, coeff=coeff.get(id(a.param), a.coeff)) for a in self.assignments]
+
+    def bind(self, model: nn.Module | None, optimizers: Sequence[torch.optim.Optimizer]) -> list[str]:
+        orphans = super().bind(model, optimizers)
+        if self.penalty.units:  # one bucket per unit group: its kernels see the group's tensors at once
+            self.buckets, self.orphans = bucket_bundles(self.bundles, self._optimizers)
+            orphans = self.orphans
+        return orphans
 
     def coefficients(self, model: nn.Module, selected: list[ParamInfo]) -> list[float]:
         """c(w) per tensor: the scale rule (on the tensor with its output units first), times
@@ -207,6 +238,9 @@ class Term(Bound):
         with torch.no_grad():
             if not self.assignments:
                 return torch.zeros(())
+            if self.penalty.units:
+                return self.strength_now() * torch.stack([self.penalty.total(b.tensors(), [b.coeff])
+                                                          for b in self.bundles]).sum()
             ws = [a.oriented if self.oriented else a.param for a in self.assignments]
             return self.strength_now() * shard_sum(self.penalty.total, ws, [a.coeff for a in self.assignments])
 

@@ -150,3 +150,34 @@ def launch_ranks(args: list[str], out: Path, attempts: int = 2) -> None:
         if proc.returncode == 0:
             return
     raise AssertionError(f"{' '.join(args)} failed {attempts}×:\n" + proc.stdout[-3000:] + proc.stderr[-3000:])
+
+
+class ResidualCNN(nn.Module):
+    """conv-BN-ReLU stem → a residual block (conv-BN-ReLU-conv-BN, + stem) → pool → fc → head,
+    for 28×28 digits: the unit groups of a ResNet in miniature (the block's output channels
+    are coupled to the stem's through the addition)."""
+
+    def __init__(self, width: int = 8, inner: int = 6, hidden: int = 16, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.conv1, self.bn1 = nn.Conv2d(width, inner, 3, padding=1), nn.BatchNorm2d(inner)
+        self.conv2, self.bn2 = nn.Conv2d(inner, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.pool = nn.MaxPool2d(4)
+        self.fc = nn.Linear(width * 7 * 7, hidden)
+        self.head = nn.Linear(hidden, 10)
+        self.example_input_array = torch.zeros(2, 1, 28, 28)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.relu(h + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(h))))))
+        return self.head(torch.relu(self.fc(self.pool(h).flatten(1))))
+
+
+def mnist_digits(mnist_source, n: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` official MNIST test digits as (N, 1, 28, 28) float32 in [0, 1], labels."""
+    from regfit.data import read_idx
+
+    images = torch.from_numpy(read_idx(Path(mnist_source) / "t10k-images-idx3-ubyte.gz")[:n].copy())
+    labels = torch.from_numpy(read_idx(Path(mnist_source) / "t10k-labels-idx1-ubyte.gz")[:n].copy()).long()
+    return images.float().div_(255).unsqueeze(1), labels

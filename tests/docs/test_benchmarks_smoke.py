@@ -59,3 +59,13 @@ def test_lhalf_kernels_prints_its_table():
     assert "### coupled L1/2 kernels: cnn" in out
     for row in ("| regfit ", "| mul_add ", "| chunked "):
         assert row in out
+
+
+def test_thin_prints_its_table(mnist_source):
+    out = run_script("benchmarks/thin.py", "--quick", "--source", str(mnist_source))
+    assert "### thinning: CNN 1→32→64 (BatchNorm) → 128 → 10, 20 steps per λ" in out
+    rows = [line for line in out.splitlines() if line.startswith("| 0 ") or line.startswith("| 0.5 ")]
+    assert len(rows) == 2
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    assert cells[0][3] == cells[0][4] == "421,834"  # λ = 0: nothing removed
+    assert cells[1][7] == "1/1/1" and cells[1][2] == cells[1][1]  # everything zero: one unit per layer stays

@@ -22,6 +22,7 @@ EXPECTED = {
     "02_weight_decay_vs_l2.ipynb",
     "03_sparsity_l1_lhalf.ipynb",
     "04_what_to_regularize.ipynb",
+    "06_structured_sparsity_thin.ipynb",
 }
 
 
@@ -84,6 +85,11 @@ def test_notebook_executes_in_smoke_mode(path: Path, mnist_dir: Path, monkeypatc
         assert re.search(r"Adam \+ decoupled L2\s+vs torch AdamW\(weight_decay\)\s*: 0\.0\n", text)
         diff = re.search(r"Adam \+ coupled L2\s+vs Adam \+ decoupled L2\s*: ([\d.e-]+)", text)
         assert diff and float(diff.group(1)) > 0
+    if path.name == "06_structured_sparsity_thin.ipynb":
+        # the unit groups are read from the model, and the thinned model changes no logit
+        assert re.search(r"features\.0 +32 units +makes it: features\.0\.weight, features\.0\.bias, features\.1\.weight", text)
+        diffs = [float(d) for d in re.findall(r" ([\d.]+e[+-]\d+)\n", text)]
+        assert diffs and max(diffs) <= 1e-5
     if path.name == "03_sparsity_l1_lhalf.ipynb":
         assert re.search(r"NaN gradient entries: [1-9]", text), "the naive penalty's NaN was not reproduced"
         assert "all weights finite: True" in text

@@ -524,3 +524,54 @@ class TestKernelMemoryAndDispatch:
         assert sum(c.startswith("_foreach_") for c in calls) == 12 * len(_runs(ws)) == 24
         assert calls.count("hardshrink") == len(ws)
         assert len(calls) == 24 + len(ws)
+
+
+# ---- GroupLasso(units=True): one group over several tensors ------------------------------------
+
+
+def _bundle():
+    torch.manual_seed(0)
+    return [torch.randn(5, 3, 3, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64),
+            torch.randn(5, dtype=torch.float64)]
+
+
+def _concat(ws):
+    return torch.cat([w.reshape(w.shape[0], -1) for w in ws], 1)
+
+
+def test_unit_group_lasso_is_group_lasso_on_the_concatenated_rows():
+    ws, pen = _bundle(), GroupLasso(units=True)
+    assert pen.total(ws, [2.0] * 3) == pytest.approx(2.0 * float(GroupLasso().value(_concat(ws))), rel=1e-12)
+    shrunk = [w.clone() for w in ws]
+    pen.prox_(shrunk, 0.3)
+    torch.testing.assert_close(_concat(shrunk), GroupLasso().prox(_concat(ws), 0.3), rtol=1e-12, atol=0)
+    gs = [torch.zeros_like(w) for w in ws]
+    pen.add_grad_(gs, ws, 0.5)
+    torch.testing.assert_close(_concat(gs), 0.5 * GroupLasso().grad(_concat(ws)), rtol=1e-12, atol=0)
+    decayed = [w.clone() for w in ws]
+    pen.decay_(decayed, 0.5)
+    torch.testing.assert_close(_concat(decayed), _concat(ws) - 0.5 * GroupLasso().grad(_concat(ws)))
+
+
+def test_unit_prox_zeroes_a_whole_unit_in_every_tensor_at_once():
+    ws = _bundle()
+    for w in ws:
+        w[1] *= 1e-3  # a small unit: its norm is under t·√|g|
+    GroupLasso(units=True).prox_(ws, 0.1)
+    assert all(torch.equal(w[1], torch.zeros_like(w[1])) for w in ws)
+    assert all(bool(w[0].ne(0).all()) for w in ws)
+
+
+def test_unit_group_lasso_of_one_tensor_is_group_lasso():
+    w = torch.randn(4, 6)
+    pen = GroupLasso(units=True)
+    assert torch.equal(pen.prox(w, 0.2), GroupLasso().prox(w, 0.2)) and pen.value(w) == GroupLasso().value(w)
+    assert repr(pen) == "GroupLasso(units=True)" and repr(GroupLasso()) == "GroupLasso()"
+    assert pen.shard_dims == () and GroupLasso().shard_dims == (0,) and pen != GroupLasso()
+
+
+def test_unit_group_lasso_refuses_columns_and_non_booleans():
+    with pytest.raises(ValueError, match=r"GroupLasso\(dim=1, units=True\).*GroupLasso\(dim=1\) for input features"):
+        GroupLasso(dim=1, units=True)
+    with pytest.raises(ValueError, match="units='yes'"):
+        GroupLasso(units="yes")

@@ -111,3 +111,54 @@ def test_config_builds_schedule_override_depth_decay_and_constraint():
     assert max_param_diff(model, before) > 0
     for w in (model.body[0].weight, model.body[3].weight):
         assert (w.norm(dim=1) <= 3.0 * (1 + 1e-12)).all()
+
+
+# ---- a unit-wise penalty: one bucket per unit group ------------------------------------------
+
+
+def test_unit_group_lasso_term_acts_on_whole_units_in_one_prox():
+    from regfit import attach
+    from regfit.penalties import GroupLasso
+    from tests.helpers import ResidualCNN
+
+    model = ResidualCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    reg = Regularization(GroupLasso(units=True), strength=0.05, mode="proximal", exclude=["last_layer"],
+                         scale="fan")
+    hooks = attach(model, opt, reg)
+    term = reg.term
+    assert [b.name for b in term.bundles] == ["stem.0", "conv1", "fc"]
+    assert [len(b.params) for b in term.buckets] == [7, 4, 2]
+    # every tensor of a unit group takes the coefficient of the group's first weight
+    c = {a.name: a.coeff for a in term.assignments}
+    assert c["conv1.bias"] == c["bn1.weight"] == c["conv1.weight"] == pytest.approx(fan_scale("w", model.conv1.weight))
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    value_before = float(term.value())
+    with torch.no_grad():
+        expected = sum(float(GroupLasso(units=True).total(b.tensors(), [b.coeff])) for b in term.bundles)
+    assert value_before == pytest.approx(0.05 * expected)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    # a unit is zero in all its tensors or in none
+    for b in term.bundles:
+        zero = [t.reshape(t.shape[0], -1).eq(0).all(1) for t in b.tensors()]
+        assert all(torch.equal(z, zero[0]) for z in zero)
+    hooks.remove()
+
+
+def test_unit_group_lasso_refuses_cautious_and_split_param_groups():
+    from regfit import attach
+    from regfit.penalties import GroupLasso
+    from tests.helpers import ResidualCNN
+
+    with pytest.raises(ValueError, match=r"mode='cautious' masks entry by entry; use mode='proximal'"):
+        Regularization(GroupLasso(units=True), mode="cautious")
+    model = ResidualCNN()
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight") and p.ndim > 1]
+    others = [p for n, p in model.named_parameters() if not (n.endswith("weight") and p.ndim > 1)]
+    opt = torch.optim.SGD([{"params": weights}, {"params": others, "lr": 0.01}], lr=0.1)
+    with pytest.raises(ValueError, match=r"unit group of stem.0 spans 2 optimizer param groups.*one param group"):
+        attach(model, opt, Regularization(GroupLasso(units=True), mode="proximal", exclude=["last_layer"]))
