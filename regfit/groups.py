@@ -153,6 +153,7 @@ terms of a config (the same overrides as `regfit fit`), without training.
 
 def main(argv: Sequence[str]) -> int:
     """``regfit groups`` entry point; errors propagate to :func:`regfit.cli.main`."""
+    from regfit.configfile import check_config_files
     from regfit.errors import check_config_given
     from regfit.lightning_cli import run_cli
     from regfit.regularization import regularizations
@@ -166,6 +167,7 @@ def main(argv: Sequence[str]) -> int:
     plain = "--plain" in args
     args = [a for a in args if a != "--plain"]
     check_config_given("groups", args)
+    check_config_files(args)
     cli = run_cli(args, run=False)
     rows, totals = parameter_table(cli.model, regularizations(cli.trainer))
     render(rows, totals, sys.stdout, plain=plain)
