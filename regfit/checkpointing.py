@@ -27,7 +27,7 @@ import os
 import pickle
 import signal
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ __all__ = [
     "SafeCheckpoints",
     "check_writable",
     "model_changes",
+    "model_overrides",
     "read_checkpoint",
     "refuse_model_changes",
     "use_atomic_checkpoints",
@@ -293,10 +294,10 @@ def _other_checkpoints(path: Path) -> str:
     return "Use another checkpoint, or start without --ckpt_path."
 
 
-def model_changes(hparams: Mapping[str, Any], model_config: Any) -> list[str]:
+def model_changes(hparams: Mapping[str, Any], model_config: Any) -> dict[str, str]:
     """The model arguments of ``model_config`` (a config's ``model`` section: ``class_path`` +
     ``init_args``, or the arguments themselves) that differ from a checkpoint's
-    ``hyper_parameters``, as ``"name: saved → given"``."""
+    ``hyper_parameters``: ``{name: "saved → given"}`` (``class_path`` alone if the class differs)."""
     given = _plain(model_config) or {}
     if "class_path" in given:
         given_class, given_args = given.get("class_path"), given.get("init_args") or {}
@@ -304,14 +305,14 @@ def model_changes(hparams: Mapping[str, Any], model_config: Any) -> list[str]:
         given_class, given_args = None, given
     saved_class = hparams.get("_class_path")
     if saved_class and given_class and saved_class != given_class:
-        return [f"class_path: {saved_class} → {given_class}"]
-    changes = []
+        return {"class_path": f"{saved_class} → {given_class}"}
+    changes = {}
     for key, saved in hparams.items():
         if key.startswith("_") or key not in given_args:
             continue
         value = given_args[key]
         if _plain(value) != _plain(saved):
-            changes.append(f"{key}: {_plain(saved)!r} → {_plain(value)!r}")
+            changes[key] = f"{_plain(saved)!r} → {_plain(value)!r}"
     return changes
 
 
@@ -326,14 +327,38 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def refuse_model_changes(path: Any, hparams: Mapping[str, Any], model_config: Any) -> None:
-    """Raise a :class:`~regfit.errors.UsageError` if the command changes the model a
-    checkpoint was saved with (Lightning would silently use the checkpoint's values)."""
+def model_overrides(argv: Sequence[str]) -> set[str]:
+    """The model arguments a command line sets itself (``--model.init_args.widths=…``,
+    ``--model.widths …``; ``class_path`` for ``--model=…`` / ``--model.class_path=…``)."""
+    keys = set()
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name == "--model":
+            keys.add("class_path")
+        elif name.startswith("--model."):
+            parts = name[len("--model."):].split(".")
+            if parts[0] == "init_args" and len(parts) > 1:
+                parts = parts[1:]
+            keys.add(parts[0])
+    return keys
+
+
+def refuse_model_changes(path: Any, hparams: Mapping[str, Any], model_config: Any,
+                         explicit: Collection[str] | None = None) -> dict[str, str]:
+    """Compare the model a command builds with the one a checkpoint was saved with.
+
+    Lightning builds the checkpoint's model: arguments that only the config gives are replaced
+    by the checkpoint's (returned, for a warning). Arguments the command line sets itself
+    (``explicit``; all of them when ``None``) and that differ are a
+    :class:`~regfit.errors.UsageError`: Lightning would drop them without a word.
+    """
     changes = model_changes(hparams, model_config)
-    if changes:
+    refused = {k: v for k, v in changes.items() if explicit is None or k in explicit}
+    if refused:
         raise UsageError(
             f"--ckpt_path {path} was saved with other model arguments than this command gives "
-            f"({'; '.join(changes)}, checkpoint → command). A checkpoint continues the model it was saved with: "
-            "remove those model overrides (or use the config the checkpoint was trained with), or start a new "
-            "run without --ckpt_path."
+            f"({'; '.join(f'{k}: {v}' for k, v in refused.items())}, checkpoint → command). A checkpoint continues "
+            "the model it was saved with: remove those model overrides (or give the checkpoint's values), or start "
+            "a new run without --ckpt_path."
         )
+    return changes

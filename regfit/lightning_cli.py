@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import signal
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +31,7 @@ from regfit.checkpointing import (
     CheckpointError,
     SafeCheckpoints,
     check_writable,
+    model_overrides,
     read_checkpoint,
     refuse_model_changes,
     use_atomic_checkpoints,
@@ -244,7 +246,9 @@ class RegfitCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {"callbacks": [WeightHistograms()]})
         self.safe_checkpoints = SafeCheckpoints()
         quiet_known_noise()
-        if _mentions_wandb(kwargs.get("args") or (args[0] if args else None)):
+        given = kwargs.get("args") or (args[0] if args else None)
+        self._argv = [str(a) for a in given] if isinstance(given, (list, tuple)) else sys.argv[1:]
+        if _mentions_wandb(self._argv):
             import_wandb()  # before the parser, which imports wandb to read WandbLogger's annotations
         super().__init__(*args, **kwargs)
 
@@ -263,7 +267,8 @@ class RegfitCLI(LightningCLI):
         """Lightning reads ``--ckpt_path`` here to take the model's arguments from the
         checkpoint, which replaces the command's own silently and gives a raw traceback for
         a file that is not a checkpoint. regfit checks the file first (one paragraph naming
-        it) and refuses model arguments that differ from the checkpoint's."""
+        it), refuses ``--model…`` options that differ from the checkpoint's arguments, and
+        says which config values the checkpoint's replace."""
         if not self.config.get("subcommand"):
             return
         config = self._config()
@@ -275,7 +280,10 @@ class RegfitCLI(LightningCLI):
         hparams.pop("_instantiator", None)
         if not hparams:
             return
-        refuse_model_changes(path, hparams, config.get("model"))
+        replaced = refuse_model_changes(path, hparams, config.get("model"), explicit=model_overrides(self._argv))
+        if replaced:
+            log.warning("--ckpt_path %s: the model is built with the checkpoint's arguments, not the config's: %s.",
+                        path, "; ".join(f"{k}: {v.split(' → ')[1]} → {v.split(' → ')[0]}" for k, v in replaced.items()))
         if "_class_path" in hparams:
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         try:

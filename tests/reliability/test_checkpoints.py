@@ -97,6 +97,16 @@ def test_a_read_only_checkpoint_folder_stops_the_fit_before_training(mnist_dir, 
     assert_one_paragraph(err, str(folder), "not writable")
 
 
+def test_a_read_only_log_folder_stops_the_run_before_training(mnist_dir, tmp_path, capsys):
+    with read_only_folder(tmp_path / "ro") as folder:
+        code = main(["fit", "--config", L2_CONFIG, f"--data.data_dir={mnist_dir}", SMALL, "--trainer.max_epochs=1",
+                     "--trainer.limit_train_batches=2", *QUIET, "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+                     f"--trainer.logger.init_args.save_dir={folder}"])
+    err = capsys.readouterr().err
+    assert code == 2, err  # was a raw PermissionError at the first logged step
+    assert_one_paragraph(err, str(folder), "CSVLogger", "not writable", "--trainer.logger.init_args.save_dir")
+
+
 def test_a_file_size_limit_mid_save_is_an_error_and_keeps_the_last_checkpoint(saved, mnist_dir, tmp_path):
     """A full disk, as a process meets it (the write fails part-way): exit 2, one paragraph, the
     checkpoint saved before unchanged under its name, no temporary file left."""
@@ -245,6 +255,21 @@ def test_a_model_override_that_contradicts_the_checkpoint_is_refused(saved, mnis
     code = main(fit(mnist_dir, tmp_path / "new", "--model.init_args.widths=[64]", f"--ckpt_path={saved}"))
     assert code == 2
     assert_one_paragraph(capsys.readouterr().err, "widths: [32] → [64]", str(saved), "without --ckpt_path")
+
+
+def test_a_config_value_the_checkpoint_replaces_is_named(saved, mnist_dir, tmp_path, caplog):
+    """A value that only the config file gives is replaced by the checkpoint's, as Lightning does
+    (so a run resumes with its plain config), and the warning says so."""
+    from regfit.cli import run_cli
+
+    config = tmp_path / "wide.yaml"
+    config.write_text(Path(L2_CONFIG).read_text().replace("widths: [512, 256]", "widths: [64]"))
+    args = [a for a in fit(mnist_dir, tmp_path / "new", f"--ckpt_path={saved}", "--trainer.max_epochs=2") if a != SMALL]
+    args[args.index(L2_CONFIG)] = str(config)
+    with caplog.at_level("WARNING", logger="regfit"):
+        cli = run_cli(args)
+    assert [m.out_features for m in cli.model.body if hasattr(m, "out_features")] == [32]
+    assert "checkpoint's arguments, not the config's: widths: [64] → [32]" in caplog.text
 
 
 def test_resuming_with_the_same_config_continues(saved, mnist_dir, tmp_path):
