@@ -80,6 +80,24 @@ def test_every_shipped_config_runs_with_wandb_disabled_or_offline(config, mode, 
         assert (run / "files" / "regfit-config.yaml").is_file()
 
 
+def test_test_and_sweep_run_with_wandb_disabled(mnist_dir, tmp_path, monkeypatch, capsys):
+    """`regfit test` and `regfit sweep` with the shipped W&B logger (both stopped at start with
+    "No such file …/files/regfit-config.yaml")."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    save_dir = tmp_path / "logs"
+    assert main(["test", "--config", L2_CONFIG, f"--data.data_dir={mnist_dir}", "--trainer.limit_test_batches=1",
+                 f"--trainer.logger.init_args.save_dir={save_dir}", *QUIET]) == 0, capsys.readouterr().err
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("method: grid\nmetric: {name: val/acc, goal: maximize}\n"
+                    "parameters: {regularization.strength: {values: [1.0e-4]}}\n"
+                    f"command: ['${{env}}', regfit, fit, --config, {L2_CONFIG}, '${{args}}']\n")
+    assert main(["sweep", str(grid), "--out", str(tmp_path / "out"), "--", f"--data.data_dir={mnist_dir}",
+                 "--model.init_args.widths=[32]", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+                 "--trainer.limit_val_batches=1", f"--trainer.logger.init_args.save_dir={save_dir}", *QUIET]) == 0
+    assert "COMPLETE" in (tmp_path / "out" / "trials.csv").read_text()
+    assert not (save_dir / "wandb").exists() or not list((save_dir / "wandb").glob("*run-*"))
+
+
 def test_no_credentials_and_no_mode_logs_offline_and_says_why(mnist_dir, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="regfit"):
         assert main(fit_args(L2_CONFIG, mnist_dir, tmp_path / "logs")) == 0
