@@ -62,12 +62,11 @@ def _numpy_caps(extra: str) -> list[str]:
     return caps
 
 
-def test_the_test_extra_lets_numpy_be_what_users_get():
-    """Users get numpy 2 with `pip install regfit`; nothing the test extra pulls may cap it at 1
-    (`sweeps`, W&B's validator, did: CI tested numpy 1.26)."""
-    assert _numpy_caps("test") == []
-    caps = _numpy_caps("sweep")
-    assert caps == []
+@pytest.mark.parametrize("extra", ["test", "sweep"])
+def test_the_extras_let_numpy_be_what_users_get(extra):
+    """Users get numpy 2 with `pip install regfit`; nothing an extra pulls may cap it at 1
+    (`sweeps`, W&B's validator in the test extra, did: CI tested numpy 1.26)."""
+    assert _numpy_caps(extra) == []
 
 
 def test_startup_is_quiet(mnist_dir, tmp_path):

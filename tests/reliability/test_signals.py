@@ -67,23 +67,23 @@ def test_sigterm_before_training_is_not_a_success(tmp_path):
 
 def test_a_stopped_sweep_writes_its_results_and_the_rerun_finishes_the_grid(mnist_dir, tmp_path):
     storage, results = f"sqlite:///{tmp_path / 'sweep.db'}", tmp_path / "results"
-    grid = grid_file(tmp_path)
+    grid = grid_file(tmp_path, strengths=[1e-5, 1e-4])  # 4 points
     args = regfit_command("sweep", str(grid), "--storage", storage, "--out", str(results), "--",
                           *sweep_fit_args(mnist_dir, tmp_path / "logs", batches=6),
                           "--trainer.callbacks=[tests.reliability.plugins.AnnounceSteps]")
     out = tmp_path / "sweep.txt"
     proc = spawn(args, out, env=ENV)
-    wait_for(out, "training step 3", proc, count=3)  # two trials done, the third training
+    wait_for(out, "training step 3", proc, count=2)  # one trial done, the second training
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(120) == 143, out.read_text()[-3000:]  # was 0, and no trials.csv
     assert_one_paragraph(out.read_text(), "stopped by SIGTERM", str(results), "run the same command again",
                          prefix="regfit sweep")
     with (results / "trials.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [r["state"] for r in rows].count("COMPLETE") >= 2
+    assert [r["state"] for r in rows].count("COMPLETE") >= 1
     assert any(r["state"] == "FAIL" and "stopped by SIGTERM" in r["error"] for r in rows)
 
     proc = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     per_point, states = count_trials("grid", storage)
-    assert len(per_point) == 6 and set(per_point.values()) == {1}  # none lost, none run twice
+    assert len(per_point) == 4 and set(per_point.values()) == {1}  # none lost, none run twice

@@ -57,8 +57,9 @@ def storage(request, tmp_path):
     return url.rsplit("/", 1)[0] + f"/{name}"
 
 
-def sweep_args(grid: Path, storage: str, out: Path, mnist_dir: Path, logs: Path, *extra: str, batches: int = 2):
-    return regfit_command("sweep", str(grid), "--storage", storage, "--heartbeat", "2", "--out", str(out), "--",
+def sweep_args(grid: Path, storage: str, out: Path, mnist_dir: Path, logs: Path, *extra: str, batches: int = 2,
+               heartbeat: int = 2):
+    return regfit_command("sweep", str(grid), "--storage", storage, "--heartbeat", str(heartbeat), "--out", str(out), "--",
                           *sweep_fit_args(mnist_dir, logs, batches=batches), *extra)
 
 
@@ -82,7 +83,8 @@ def test_a_killed_workers_trial_is_run_again(mnist_dir, tmp_path):
     its point (was: RUNNING forever, the rerun exited 0 with one point never run)."""
     grid, storage = grid_file(tmp_path), f"sqlite:///{tmp_path / 'sweep.db'}"
     args = sweep_args(grid, storage, tmp_path / "out", mnist_dir, tmp_path / "logs",
-                      "--trainer.callbacks=[tests.reliability.plugins.AnnounceSteps]", batches=5)
+                      "--trainer.callbacks=[tests.reliability.plugins.AnnounceSteps]", batches=5,
+                      heartbeat=1)  # the rerun is the only live worker: a short grace period cannot misfire
     out = tmp_path / "killed.txt"
     proc = spawn(args, out, cwd=tmp_path, env=ENV)
     wait_for(out, "training step 3", proc, count=2)  # one trial done, the second training
