@@ -11,10 +11,11 @@ Each trial is an ordinary ``regfit fit``, in this process, with the arguments a
 follows ``--``. W&B runs are offline (unless ``WANDB_MODE`` says otherwise), grouped by
 study name, one per trial; a CSV logger logs as usual.
 
-Sampling and early stopping map to Optuna (:mod:`regfit.sweep_spec`): grid → GridSampler,
-random → RandomSampler, bayes → TPESampler, ``early_terminate: hyperband`` →
-HyperbandPruner fed with the metric after every validation. A trial's value is the last
-value of the metric, as in a W&B run's summary.
+Sampling and early stopping map to Optuna (:mod:`regfit.sweep_spec`): grid → every point
+queued once as a trial (in GridSampler's order), random → RandomSampler, bayes →
+TPESampler, ``early_terminate: hyperband`` → HyperbandPruner fed with the metric after
+every validation. A trial's value is the last value of the metric, as in a W&B run's
+summary.
 
 With ``--storage`` (``sqlite:///sweep.db`` or any SQLAlchemy database URL) several
 processes, on one machine or many, work on one study; ``--count`` is the number of
