@@ -13,7 +13,8 @@
 (:mod:`regfit.groups`, :mod:`regfit.thin_command`, :mod:`regfit.sweep`). A user mistake (unknown penalty or mode,
 negative λ, a selector matching nothing, a missing config file, …) ends the command with
 exit code 2 and one paragraph on stderr (:mod:`regfit.errors`); ``--debug`` (or
-``REGFIT_DEBUG=1``) shows the traceback instead.
+``REGFIT_DEBUG=1``) shows the traceback instead. A command stopped by SIGTERM or Ctrl+C
+exits 143 / 130 and says what it kept (:mod:`regfit.interrupts`).
 """
 
 from __future__ import annotations
@@ -24,13 +25,19 @@ import os
 import sys
 from typing import Sequence
 
+from regfit.configfile import check_config_files
 from regfit.errors import ENV_DEBUG, EXIT_USAGE, UsageError, check_config_given, format_error, is_user_error
+from regfit.interrupts import Interrupted, stop_on_sigterm
 from regfit.lightning_cli import RegfitCLI, RegfitSaveConfig, run_cli
-from regfit.wandb_setup import configure_wandb, wandb_credentials_found
+from regfit.wandb_setup import configure_wandb, remove_stale_wandb_temp, wandb_credentials_found
 
 # The names users and older scripts import from here (``from regfit.cli import run_cli``).
 __all__ = ["main", "run_cli", "RegfitCLI", "RegfitSaveConfig", "UsageError", "check_config_given", "format_error",
            "is_user_error", "configure_wandb", "wandb_credentials_found"]
+
+
+#: How to install what ``regfit sweep`` needs beyond regfit itself.
+SWEEP_EXTRA = 'pip install -c constraints.txt -e ".[sweep]"'
 
 
 def _sweep(argv: list[str]) -> int:
@@ -40,7 +47,21 @@ def _sweep(argv: list[str]) -> int:
         if exc.name != "regfit.sweep":
             raise
         raise UsageError("`regfit sweep` is not available in this version of regfit (no regfit.sweep module).") from None
+    missing = [name for name in ("optuna", "matplotlib") if not _importable(name)]
+    if missing:
+        raise UsageError(
+            f"`regfit sweep` needs {' and '.join(missing)}, which the plain install leaves out: install regfit's "
+            f"`sweep` extra, `{SWEEP_EXTRA}` in a clone of regfit (or `pip install optuna matplotlib`)."
+        )
     return int(module.main(argv) or 0)
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
 
 
 OVERVIEW = """regfit: weight regularization for PyTorch Lightning.
@@ -72,6 +93,7 @@ def _dispatch(argv: list[str]) -> int:
         return _sweep(argv[1:])
     if argv and argv[0] in ("fit", "validate", "test", "predict"):
         check_config_given(argv[0], argv[1:])
+        check_config_files(argv[1:])
     run_cli(argv)
     return 0
 
@@ -83,9 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+    remove_stale_wandb_temp()  # left by regfit commands that were killed
     try:
-        return _dispatch(argv)
+        with stop_on_sigterm():
+            return _dispatch(argv)
+    except Interrupted as exc:
+        sys.stderr.write(f"regfit: {exc}\n")
+        return exc.exit_code
     except KeyboardInterrupt:
+        sys.stderr.write("regfit: stopped by SIGINT.\n")
         return 130
     except Exception as exc:  # noqa: BLE001 - user errors become one paragraph, bugs keep their traceback
         if debug or not is_user_error(exc):

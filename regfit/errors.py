@@ -4,17 +4,24 @@ Every ``regfit`` subcommand raises its user errors as exceptions; :func:`regfit.
 prints :func:`format_error` of them on stderr and exits with :data:`EXIT_USAGE` (2), or
 shows the traceback with ``--debug`` / ``REGFIT_DEBUG=1``. Anything :func:`is_user_error`
 does not recognize is a bug and keeps its traceback.
+
+Besides mistakes in the input, a run can be stopped by its surroundings — a full or
+read-only disk, a checkpoint file that does not load, an unreachable W&B server, a term
+that diverged: :class:`RunError` and the guard's
+:class:`~regfit.guard.NonFinitePenaltyError` are reported the same way, as one paragraph
+naming the value and the fix.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 from argparse import ArgumentError
 from typing import Any, Sequence
 
-__all__ = ["UsageError", "EXIT_USAGE", "ENV_DEBUG", "format_error", "is_user_error", "check_config_given", "config_files",
-           "take_option", "check_readable", "check_writable"]
+__all__ = ["UsageError", "RunError", "EXIT_USAGE", "ENV_DEBUG", "format_error", "is_user_error", "check_config_given",
+           "config_files", "take_option", "check_output_file"]
 
 ENV_DEBUG = "REGFIT_DEBUG"
 EXIT_USAGE = 2
@@ -24,12 +31,26 @@ class UsageError(ValueError):
     """A mistake in the command line or config, reported without a traceback."""
 
 
+class RunError(RuntimeError):
+    """A run its surroundings stop: a disk that is full or read-only, a checkpoint that does not
+    load, an unreachable W&B server. Reported like a :class:`UsageError`; the message names
+    the file or value and the way out."""
+
+
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from regfit.data import DataError
+    from regfit.guard import NonFinitePenaltyError
 
-    return (ArgumentError, ValueError, DataError, FileNotFoundError, MisconfigurationException)
+    return (ArgumentError, ValueError, DataError, FileNotFoundError, MisconfigurationException, RunError,
+            NonFinitePenaltyError)
+
+
+def _is_wandb_error(exc: BaseException) -> bool:
+    """wandb's own errors (login, network, usage), without importing wandb when no run used it."""
+    errors = sys.modules.get("wandb.errors")
+    return errors is not None and isinstance(exc, errors.Error)
 
 
 _NOISE = [re.compile(p) for p in (
@@ -54,7 +75,8 @@ _NOT_A_LIST = re.compile(
 def _clean_argument_error(message: str, argv: Sequence[str] = ()) -> str:
     """jsonargparse's messages list every type a union tried; keep the lines that help."""
     if "does not correspond to a subclass of RegModule" in message:
-        given = re.search(r"Given value: (\S+)", message) or re.search(r"Import path (\S+)", message)
+        given = (re.search(r"val='([^']+)'", message) or re.search(r"Given value: (\S+)", message)
+                 or re.search(r"Import path (\S+)", message))
         what = given.group(1) if given else "the model class"
         return (f"model {what} is not a regfit.RegModule subclass. A model must subclass regfit.RegModule "
                 "(implement forward and data_loss(batch)), e.g. class_path: regfit.models.MLP.")
@@ -107,12 +129,15 @@ def format_error(exc: BaseException, argv: Sequence[str] = ()) -> str:
                 "distinct `name`.")
     if isinstance(exc, FileNotFoundError) and exc.filename:
         return f"No such file: {exc.filename}. Check the path (relative paths start from {os.getcwd()})."
+    if _is_wandb_error(exc):
+        return (f"W&B: {text.rstrip('.')}. Check WANDB_API_KEY / `wandb login` and the network, or log without "
+                "a server: WANDB_MODE=offline (upload later with `wandb sync`) or WANDB_MODE=disabled.")
     return text
 
 
 def is_user_error(exc: BaseException) -> bool:
     """Whether ``exc`` is a mistake in the user's input (reported as one paragraph, exit 2)."""
-    if isinstance(exc, _user_error_types()):
+    if isinstance(exc, _user_error_types()) or _is_wandb_error(exc):
         return True
     return isinstance(exc, RuntimeError) and "state_key" in str(exc)
 
@@ -159,17 +184,7 @@ def take_option(argv: Sequence[str], name: str, repeat: bool = False) -> tuple[A
     return (values[0] if values else None), rest
 
 
-def check_readable(path: str, option: str = "--ckpt_path") -> None:
-    """A file the command must read: exists, is a file, can be opened."""
-    if not os.path.exists(path):
-        raise UsageError(f"{option} {path}: no such file (relative paths start from {os.getcwd()}).")
-    if not os.path.isfile(path):
-        raise UsageError(f"{option} {path} is a directory; give the checkpoint file, e.g. {path.rstrip('/')}/last.ckpt.")
-    if not os.access(path, os.R_OK):
-        raise UsageError(f"{option} {path} cannot be read (permissions); check the file's owner and mode.")
-
-
-def check_writable(path: str, option: str = "--out") -> None:
+def check_output_file(path: str, option: str = "--out") -> None:
     """A file the command will write: its folder exists and takes new files, and the path
     is not a folder. Checked before any work, so that nothing is computed for nothing."""
     folder = os.path.dirname(os.path.abspath(path))

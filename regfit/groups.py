@@ -232,8 +232,10 @@ the model's size after `regfit thin`.
 
 def main(argv: Sequence[str]) -> int:
     """``regfit groups`` entry point; errors propagate to :func:`regfit.cli.main`."""
-    from regfit.errors import check_config_given, check_readable, take_option
-    from regfit.lightning_cli import load_weights, run_cli
+    from regfit.checkpointing import load_weights, read_checkpoint
+    from regfit.configfile import check_config_files
+    from regfit.errors import check_config_given, take_option
+    from regfit.lightning_cli import run_cli
     from regfit.regularization import regularizations
 
     args = list(argv)
@@ -247,7 +249,8 @@ def main(argv: Sequence[str]) -> int:
     ckpt_path, args = take_option(args, "--ckpt_path")
     check_config_given("groups", args)
     if ckpt_path is not None:
-        check_readable(ckpt_path)
+        read_checkpoint(ckpt_path)  # before building anything: a bad file is named at once
+    check_config_files(args)
     cli = run_cli(args, run=False)
     if ckpt_path is not None:
         load_weights(cli.model, ckpt_path)

@@ -145,7 +145,13 @@ def check_weights(term: Term, norm: Tensor, on_nonfinite: OnNonFinite | None = N
     if on_nonfinite == "off" or bool(torch.isfinite(norm)):
         return
     bad = [a.name for a in term.assignments if not torch.isfinite(local(a.param)).all()]
-    _diverged(term, bad, on_nonfinite)
+    if bad:
+        _diverged(term, bad, on_nonfinite)
+        return
+    # Every entry is finite but the norm overflowed: the weights are on their way to inf.
+    largest = max(term.assignments, key=lambda a: float(local(a.param).detach().abs().max()))
+    size = float(local(largest.param).detach().abs().max())
+    _diverged(term, [largest.name], on_nonfinite, f"grew to |w| = {size:.3g}, so large that their norm overflows")
 
 
 def check_value(term: Term, value: Tensor, on_nonfinite: OnNonFinite | None = None) -> None:
@@ -204,14 +210,14 @@ def stability_problem(term: Term) -> str | None:
     return None
 
 
-def _diverged(term: Term, names: list[str], on_nonfinite: OnNonFinite) -> None:
+def _diverged(term: Term, names: list[str], on_nonfinite: OnNonFinite, what: str = "are non-finite") -> None:
     cause = stability_problem(term)
     if cause:
-        msg = (f"Term {term.name!r}: the weights of {_names(names)} are non-finite, and the term itself is the cause: "
-               f"{cause}")
+        msg = f"Term {term.name!r}: the weights of {_names(names)} {what}, and the term itself is the cause: {cause}"
     else:
-        msg = (f"Term {term.name!r}: the weights of {_names(names)} were already non-finite before the term was "
-               "applied: the data step diverged (lower the learning rate, clip gradients, or check the loss).")
+        when = "were already non-finite before the term was applied" if what == "are non-finite" else what
+        msg = (f"Term {term.name!r}: the weights of {_names(names)} {when}: the data step diverged (lower the learning "
+               "rate, clip gradients, or check the loss).")
     if on_nonfinite == "raise":
         raise NonFinitePenaltyError(msg)
     log.warning(msg)

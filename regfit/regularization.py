@@ -187,6 +187,13 @@ class Regularization(BoundCallback):
         if terms and terms[0] is self:  # the first term logs the totals of all
             _log_penalties(trainer, pl_module, outputs, terms)
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Diverged weights are found on logging steps, where the norm is computed anyway; a
+        # run without loggers (or logging less than once an epoch) is checked here, once an
+        # epoch (one norm and one host sync).
+        if self.term.on_nonfinite != "off" and not is_logging_step(trainer):
+            check_weights(self.term, self.term.weight_stats()[0])
+
     # ---- checkpoint ---------------------------------------------------------------------
     def config(self) -> dict[str, str]:
         """The term's settings as strings, saved in checkpoints to detect a changed config."""

@@ -11,16 +11,25 @@ Each trial is an ordinary ``regfit fit``, in this process, with the arguments a
 follows ``--``. W&B runs are offline (unless ``WANDB_MODE`` says otherwise), grouped by
 study name, one per trial; a CSV logger logs as usual.
 
-Sampling and early stopping map to Optuna (:mod:`regfit.sweep_spec`): grid → GridSampler,
-random → RandomSampler, bayes → TPESampler, ``early_terminate: hyperband`` →
-HyperbandPruner fed with the metric after every validation. A trial's value is the last
-value of the metric, as in a W&B run's summary.
+Sampling and early stopping map to Optuna (:mod:`regfit.sweep_spec`): grid → every point
+queued once as a trial (in GridSampler's order), random → RandomSampler, bayes →
+TPESampler, ``early_terminate: hyperband`` → HyperbandPruner fed with the metric after
+every validation. A trial's value is the last value of the metric, as in a W&B run's
+summary.
 
 With ``--storage`` (``sqlite:///sweep.db`` or any SQLAlchemy database URL) several
 processes, on one machine or many, work on one study; ``--count`` is the number of
-trials *this* process runs, as with ``wandb agent --count``. At the end: a table of all
-the study's trials, ``trials.csv`` and ``trials.png`` (the metric against each swept
+trials *this* process runs, as with ``wandb agent --count``. A grid's points are claimed
+one at a time, so no point runs twice; a trial whose worker was killed is run again by the
+next worker (heartbeats, :mod:`regfit.sweep_storage`). At the end: a table of all the
+study's trials, ``trials.csv`` and ``trials.png`` (the metric against each swept
 parameter) in ``--out``.
+
+A trial that fails while it trains (a term that diverged, a crash) is recorded as FAIL
+with its error and the sweep goes on; a trial whose arguments ``regfit fit`` refuses stops
+the sweep (every trial would fail the same way). SIGTERM or Ctrl+C stops the sweep with
+exit 143 / 130 after writing the results so far; on a database storage the interrupted
+trial is queued again for the next run.
 """
 
 from __future__ import annotations
@@ -28,10 +37,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import io
 import logging
-import math
 import os
+import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from regfit.interrupts import Interrupted, stop_on_sigterm
 from regfit.sweep_spec import (
     Metric,
     Parameter,
@@ -53,11 +65,24 @@ from regfit.sweep_spec import (
     suggest,
     trial_argv,
 )
+from regfit.sweep_storage import (
+    DEFAULT_HEARTBEAT_S,
+    Heartbeat,
+    StorageError,
+    claim_waiting,
+    fail_stale,
+    grid_points,
+    new_trial,
+    open_study,
+    prepare_grid,
+    requeue,
+    uses_heartbeat,
+)
 
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["SweepError", "TrialReporter", "main", "results", "run_sweep", "write_csv", "write_plot"]
+__all__ = ["SweepError", "TrialFailed", "TrialReporter", "main", "results", "run_sweep", "write_csv", "write_plot"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +95,11 @@ class SweepError(RuntimeError):
     the study so far when trials ran before it stopped, so their results are still written."""
 
     study: optuna.Study | None = None
+
+
+class TrialFailed(RuntimeError):
+    """A trial that failed while it trained (a term diverged, a crash): recorded as FAIL with
+    this message, and the sweep goes on."""
 
 
 # ------------------------------------------------------------------ one trial
@@ -171,17 +201,20 @@ class Objective:
                 trainer = self.fit(argv, [reporter])
             except Exception as exc:
                 from regfit.errors import format_error, is_user_error
+                from regfit.guard import NonFinitePenaltyError
 
-                if not is_user_error(exc):
-                    raise
-                raise SweepError(f"trial {trial.number} ({_shown(values)}): {format_error(exc, argv)}") from exc
+                trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
+                if is_user_error(exc) and not isinstance(exc, NonFinitePenaltyError):
+                    raise SweepError(f"trial {trial.number} ({_shown(values)}): {format_error(exc, argv)}") from exc
+                # Diverged or crashed while training: this trial's result, not the sweep's end.
+                raise TrialFailed(f"{type(exc).__name__}: {_one_line(str(exc))}") from exc
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
         if trainer.log_dir:
             trial.set_user_attr("log_dir", str(trainer.log_dir))
         _log_trial(trial.number, values, self.metric.name, reporter)
-        return self._value(trial.number, reporter)
+        return self._value(trial.number, reporter, trainer)
 
-    def _value(self, number: int, reporter: TrialReporter) -> float:
+    def _value(self, number: int, reporter: TrialReporter, trainer: pl.Trainer | None = None) -> float:
         """The trial's value, or why it has none."""
         import optuna
 
@@ -194,10 +227,41 @@ class Objective:
             raise optuna.TrialPruned(f"pruned after {len(reporter.history)} validations")
         if not reporter.history:
             raise SweepError(
-                f"trial {number}: no validation ran, so there is no {self.metric.name}; "
-                "check trainer.limit_val_batches / check_val_every_n_epoch"
+                f"trial {number}: no validation ran, so there is no {self.metric.name}: {_no_validation_cause(trainer)}"
             )
         return reporter.history[-1]
+
+
+def _no_validation_cause(trainer: pl.Trainer | None) -> str:
+    """Why a fit ended without validating, from the trainer's settings, with the fix."""
+    generic = ("check trainer.limit_val_batches / check_val_every_n_epoch / val_check_interval and "
+               "trainer.max_steps (validation runs at the end of an epoch)")
+    if trainer is None:
+        return generic
+    if trainer.limit_val_batches == 0:
+        return "trainer.limit_val_batches=0 turns validation off; remove it (or set it to a positive number)"
+    batches = trainer.num_training_batches
+    per_epoch = f" (an epoch has {batches} batches)" if isinstance(batches, int) else ""
+    every = trainer.check_val_every_n_epoch or 1
+    first_validation = batches * every if isinstance(batches, int) else None
+    if (trainer.max_steps not in (-1, None) and trainer.global_step >= trainer.max_steps
+            and (first_validation is None or trainer.max_steps < first_validation)):
+        return (f"trainer.max_steps={trainer.max_steps} ended the fit before the end of the first epoch{per_epoch}, "
+                "where validation runs: raise max_steps, or validate within the epoch with "
+                f"--trainer.val_check_interval=N (N ≤ {trainer.max_steps})")
+    if trainer.max_epochs not in (-1, None) and every > trainer.max_epochs:
+        return (f"trainer.check_val_every_n_epoch={every} is more than trainer.max_epochs={trainer.max_epochs}: "
+                "lower it, or train longer")
+    return generic
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _log_failed(number: int, values: Mapping[str, Any], error: str) -> None:
+    log.warning("trial %d: %s → failed: %s", number, _shown(values), error)
 
 
 def _log_trial(number: int, values: Mapping[str, Any], metric: str, reporter: TrialReporter) -> None:
@@ -219,14 +283,6 @@ def _fmt(value: Any) -> str:
 # ------------------------------------------------------------------ the study
 
 
-def _remaining_grid(spec: SweepSpec, study: optuna.Study) -> int:
-    """Grid points no trial of the study has taken yet (GridSampler's own bookkeeping)."""
-    space = grid_search_space(spec)
-    total = math.prod(len(v) for v in space.values())
-    taken = {tuple(t.params.get(k) for k in space) for t in study.trials if t.params}
-    return total - len(taken)
-
-
 def run_sweep(
     spec: SweepSpec,
     count: int | None = None,
@@ -235,10 +291,16 @@ def run_sweep(
     extra: Sequence[str] = (),
     seed: int | None = None,
     fit: FitFn = fit_in_process,
+    heartbeat: int = DEFAULT_HEARTBEAT_S,
 ) -> optuna.Study:
-    """Run ``count`` trials of ``spec`` (a grid: at most its remaining points) and return the study."""
-    import optuna
+    """Run ``count`` trials of ``spec`` (a grid: at most its remaining points) and return the study.
 
+    A trial that fails while training is recorded as FAIL and the sweep goes on. A
+    :class:`SweepError` (a trial ``regfit fit`` refuses, a metric never logged) or an
+    :class:`~regfit.interrupts.Interrupted` stops it; either carries the study so far as
+    ``.study``. ``heartbeat`` is the seconds between a running trial's heartbeats on a
+    database storage (a trial is stale, and run again, after three missed ones).
+    """
     if spec.metric is None:
         raise SweepError(
             f"{spec.source}: regfit sweep ranks trials by a metric; add e.g. `metric: {{name: val/acc, goal: maximize}}`"
@@ -248,34 +310,110 @@ def run_sweep(
     name = study_name or spec.name or Path(spec.source).stem
     if storage is not None and "://" not in storage:
         raise SweepError(f"--storage {storage!r} is not a database URL; for a file write --storage sqlite:///{storage}")
-    if storage and storage.startswith("sqlite:///"):  # SQLite creates the file, not its folder
-        Path(storage[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        study = optuna.create_study(
-            study_name=name,
-            storage=storage,
-            sampler=make_sampler(spec, seed),
-            pruner=make_pruner(spec),
-            direction=spec.metric.direction,
-            load_if_exists=True,
-        )
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy's URL and driver errors have no common base we import
-        if storage is None:
-            raise
-        raise SweepError(f"--storage {storage!r}: {exc} (e.g. --storage sqlite:///sweep.db)") from exc
     if spec.method == "grid":
-        remaining = _remaining_grid(spec, study)
-        count = remaining if count is None else min(count, remaining)
+        # The grid is a queue of WAITING trials with fixed parameters; the sampler never samples.
+        import optuna
+
+        sampler = optuna.samplers.RandomSampler(seed=seed)
     elif count is None:
         raise SweepError(f"method {spec.method} never ends by itself: give the number of trials with --count N")
-    if count > 0:
-        objective = Objective(spec, spec.metric, name, tuple(extra), fit)
-        try:
-            study.optimize(objective, n_trials=count)
-        except SweepError as exc:
-            exc.study = study  # the trials that finished are still results
-            raise
+    else:
+        sampler = make_sampler(spec, seed)
+    study, created = open_study(name, storage, spec.metric.direction, sampler, make_pruner(spec), heartbeat)
+    if spec.method == "grid":
+        prepare_grid(study, grid_points(grid_search_space(spec), seed), created)
+    objective = Objective(spec, spec.metric, name, tuple(extra), fit)
+    try:
+        _run_trials(study, objective, count, grid=spec.method == "grid")
+    except (SweepError, Interrupted) as exc:
+        exc.study = study  # the trials that finished are still results
+        raise
     return study
+
+
+def _run_trials(study: optuna.Study, objective: Objective, count: int | None, grid: bool) -> None:
+    """Claim and run trials until ``count`` ran here or, for a grid, no point is left."""
+    ran = 0
+    while count is None or ran < count:
+        trial = _next_trial(study, grid)
+        if trial is None:
+            return
+        ran += 1
+        _run_trial(study, trial, objective)
+
+
+def _next_trial(study: optuna.Study, grid: bool) -> optuna.Trial | None:
+    """The next trial to run here. A grid takes only queued points; when none is left but other
+    trials still run, it waits one grace period (3 heartbeats) for a worker that died to be
+    noticed, so that its trial is run again here."""
+    waited_since = None
+    while True:
+        fail_stale(study)
+        trial = claim_waiting(study) if grid else new_trial(study)
+        if trial is not None or not grid or not uses_heartbeat(study):
+            return trial
+        from optuna.trial import TrialState
+
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running:
+            return None
+        interval = study._storage.get_heartbeat_interval()
+        if waited_since is None:
+            waited_since = time.monotonic()
+            log.info("no grid point left to claim; %d still running elsewhere: waiting up to %d s in case a worker "
+                     "died (its point would be run here)", len(running), 4 * interval)
+        elif time.monotonic() - waited_since > 4 * interval:
+            return None
+        time.sleep(interval)
+
+
+def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective) -> None:
+    """Run one trial and record its outcome; a failure is recorded and the sweep goes on."""
+    import optuna
+    from optuna.trial import TrialState
+
+    with Heartbeat(study, trial):
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            _tell(study, trial, state=TrialState.PRUNED)
+        except TrialFailed as exc:
+            _fail(study, trial, str(exc))
+        except SweepError as exc:
+            _fail(study, trial, str(exc))
+            raise
+        except (Interrupted, KeyboardInterrupt) as exc:
+            stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+            _fail(study, trial, f"stopped by {stop.signal_name}")
+            requeue(study, trial)
+            raise stop from None
+        except Exception as exc:  # noqa: BLE001 - a crash outside the fit (e.g. in a callback of ours)
+            _fail(study, trial, f"{type(exc).__name__}: {_one_line(str(exc))}")
+        else:
+            _tell(study, trial, values=value)
+
+
+def _fail(study: optuna.Study, trial: optuna.Trial, error: str) -> None:
+    from optuna.trial import TrialState
+
+    with contextlib.suppress(Exception):
+        trial.set_user_attr("error", error)
+    if not error.startswith("stopped by"):
+        _log_failed(trial.number, trial.user_attrs.get("values", trial.params), error)
+    _tell(study, trial, state=TrialState.FAIL)
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, **kwargs: Any) -> None:
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    try:
+        study.tell(trial, **kwargs)
+    except (UpdateFinishedTrialError, ValueError) as exc:
+        if isinstance(exc, ValueError) and "Cannot tell" not in str(exc):
+            raise
+        # Another worker marked it FAIL: its heartbeat was late by more than the grace period.
+        log.warning("trial %d was marked failed by another worker (heartbeat too late) and is queued again; "
+                    "raise --heartbeat on a slow database", trial.number)
 
 
 def _check_extra(spec: SweepSpec, extra: Sequence[str]) -> None:
@@ -292,28 +430,48 @@ def _check_extra(spec: SweepSpec, extra: Sequence[str]) -> None:
 
 
 def results(study: optuna.Study, spec: SweepSpec) -> list[dict[str, Any]]:
-    """One row per trial of the study: number, the parameters used, metric, state."""
+    """One row per trial of the study: number, the parameters used, metric, state, and the
+    error of a failed trial (a trial queued again says which trial re-runs it)."""
     metric = spec.metric.name if spec.metric else "value"
+    trials = study.trials
+    # Optuna's retry of trial N is a new trial whose retry_history ends with N.
+    rerun_as = {t.system_attrs["retry_history"][-1]: t.number for t in trials if t.system_attrs.get("retry_history")}
     rows = []
-    for t in study.trials:
-        values = t.user_attrs.get("values", t.params)
+    for t in trials:
+        values = t.user_attrs.get("values") or t.system_attrs.get("fixed_params") or t.params
         value = t.value
         if value is None and t.intermediate_values:  # a pruned trial: its last report
             value = t.intermediate_values[max(t.intermediate_values)]
+        error = t.user_attrs.get("error")
+        if t.state.name == "FAIL" and error is None:
+            error = "its worker stopped (no heartbeat)"
+        if t.state.name == "FAIL" and t.number in rerun_as:
+            error = f"{error}; run again as trial {rerun_as[t.number]}"
         row = {"trial": t.number}
         row.update({p.name: values.get(p.name) for p in spec.swept})
-        row.update({metric: value, "state": t.state.name, "seconds": t.user_attrs.get("seconds")})
+        row.update({metric: value, "state": t.state.name, "seconds": t.user_attrs.get("seconds"), "error": error})
         rows.append(row)
     return rows
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """Write the result rows as CSV."""
+    """Write the result rows as CSV (whole or not at all: several workers may write one file)."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["trial"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return _write_atomic(path, buffer.getvalue().encode())
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial"])
-        writer.writeheader()
-        writer.writerows(rows)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     return path
 
 
@@ -355,10 +513,10 @@ def write_plot(rows: Sequence[Mapping[str, Any]], spec: SweepSpec, path: Path) -
         axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{Path(spec.source).name}: {metric} ({spec.method}, {len(done)} trials)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, dpi=110, format="png")
     plt.close(fig)
-    return path
+    return _write_atomic(path, image.getvalue())
 
 
 def _all_numbers(values: Sequence[Any]) -> bool:
@@ -399,9 +557,11 @@ def print_table(rows: Sequence[Mapping[str, Any]], study: optuna.Study, spec: Sw
 
     best = _best_number(study)
     table = Table(title=f"{study.study_name}: {len(rows)} trials ({spec.method})")
-    columns = [c for c in (rows[0] if rows else {"trial": 0}) if c != "seconds"]
+    failed = any(r.get("error") for r in rows)
+    columns = [c for c in (rows[0] if rows else {"trial": 0}) if c != "seconds" and (c != "error" or failed)]
     for c in columns:
-        table.add_column(c, justify="left" if c == "state" else "right")
+        table.add_column(c, justify="left" if c in ("state", "error") else "right",
+                         overflow="fold" if c == "error" else "ellipsis")
     for r in rows:
         style = "bold green" if r["trial"] == best else None
         table.add_row(*(_fmt(r[c]) if r[c] is not None else "-" for c in columns), style=style)
@@ -421,7 +581,8 @@ def _best_number(study: optuna.Study) -> int | None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="regfit sweep",
-        usage="regfit sweep FILE [--count N] [--storage URL] [--study-name NAME] [--seed N] [--out DIR] [-- FIT ARGS…]",
+        usage="regfit sweep FILE [--count N] [--storage URL] [--study-name NAME] [--seed N] [--out DIR] "
+        "[--heartbeat S] [-- FIT ARGS…]",
         epilog="example: regfit sweep configs/sweeps/mnist_l2_lambda_lr.yaml --count 3 -- --trainer.max_epochs=1",
         description="Run a W&B sweep file locally and offline with Optuna. "
         "Arguments after `--` are added to every trial's `regfit fit`.",
@@ -432,11 +593,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--study-name", help="study name (default: the file's `name`, else its stem)")
     p.add_argument("--seed", type=int, help="sampler seed, for a reproducible sequence of trials")
     p.add_argument("--out", help="folder for trials.csv and trials.png (default: logs/sweeps/<study name>)")
+    p.add_argument("--heartbeat", type=int, default=DEFAULT_HEARTBEAT_S, metavar="SECONDS",
+                   help="with --storage: seconds between a running trial's heartbeats; a trial whose worker died is "
+                   f"run again after 3 missed ones (default {DEFAULT_HEARTBEAT_S})")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``regfit sweep FILE [--count N] [--storage URL] [--study-name NAME] [-- FIT ARGS]``."""
+    """``regfit sweep FILE [--count N] [--storage URL] [--study-name NAME] [-- FIT ARGS]``.
+
+    Exit codes: 0 when the sweep ran (failed trials are in the table), 2 when it could not
+    run or a trial was refused, 143 / 130 when SIGTERM / Ctrl+C stopped it (the results so
+    far are written).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in argv:
@@ -445,29 +614,79 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.count is not None and args.count < 1:
         _parser().error(f"--count must be ≥ 1, got {args.count}")
+    if args.heartbeat < 1:
+        _parser().error(f"--heartbeat must be ≥ 1 second, got {args.heartbeat}")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     _quiet_optuna()
+    with stop_on_sigterm():
+        return _main(args, extra)
+
+
+def _main(args: argparse.Namespace, extra: list[str]) -> int:
+    from regfit.wandb_setup import import_wandb
+
+    spec = None
     try:
         spec = load_sweep(args.file)
-        study = run_sweep(spec, args.count, args.storage, args.study_name, extra, args.seed)
-    except (SweepSpecError, SweepError) as exc:
+        out = _out_folder(args.out, _study_name(spec, args.study_name))
+        import_wandb()
+        study = run_sweep(spec, args.count, args.storage, args.study_name, extra, args.seed, heartbeat=args.heartbeat)
+    except (SweepSpecError, SweepError, StorageError) as exc:
         stopped = getattr(exc, "study", None)
         if stopped is not None and any(t.state.name in ("COMPLETE", "PRUNED") for t in stopped.trials):
             _write_results(stopped, spec, args.out)
         sys.stderr.write(f"regfit sweep: error: {exc}\n")
         return 2
-    _write_results(study, spec, args.out)
+    except Interrupted as exc:
+        stopped = getattr(exc, "study", None)
+        where = _write_results(stopped, spec, args.out) if stopped is not None and spec is not None else None
+        kept = f"the results so far are in {where}; " if where else ""
+        again = "run the same command again to finish (the interrupted trial is queued)" if args.storage else (
+            "with --storage the next run would continue where this one stopped")
+        sys.stderr.write(f"regfit sweep: {exc}; {kept}{again}.\n")
+        return exc.exit_code
+    _write_results(study, spec, out)
+    failed = [t.number for t in study.trials if t.state.name == "FAIL" and "error" in t.user_attrs]
+    if failed:
+        log.warning("%d of %d trials failed (their error is in the table and trials.csv): %s", len(failed),
+                    len(study.trials), ", ".join(map(str, failed[:10])))
     return 0
 
 
-def _write_results(study: optuna.Study, spec: SweepSpec, out: str | None) -> None:
+def _study_name(spec: SweepSpec, study_name: str | None) -> str:
+    return study_name or spec.name or Path(spec.source).stem
+
+
+def _out_folder(out: str | None, name: str) -> Path:
+    """The results folder, checked writable before any trial runs (a read-only one used to fail
+    after the last trial and lose the table)."""
+    from regfit.checkpointing import check_writable
+
+    folder = Path(out or Path("logs", "sweeps", name))
+    try:
+        return check_writable(folder, "the results folder", "give another one with --out DIR")
+    except RuntimeError as exc:
+        raise SweepError(str(exc)) from None
+
+
+def _write_results(study: optuna.Study, spec: SweepSpec, out: str | Path | None) -> Path:
+    """Print the table and write trials.csv and trials.png; returns their folder. If the folder
+    cannot be written now (the disk filled up during the sweep), they go to a new temporary
+    folder rather than being lost."""
     rows = results(study, spec)
     print_table(rows, study, spec)
     folder = Path(out or Path("logs", "sweeps", study.study_name))
-    csv_path = write_csv(rows, folder / "trials.csv")
-    png_path = write_plot(rows, spec, folder / "trials.png")
+    try:
+        csv_path = write_csv(rows, folder / "trials.csv")
+        png_path = write_plot(rows, spec, folder / "trials.png")
+    except OSError as exc:
+        folder = Path(tempfile.mkdtemp(prefix="regfit-sweep-"))
+        log.warning("could not write the results to %s (%s); writing them to %s instead", out, exc, folder)
+        csv_path = write_csv(rows, folder / "trials.csv")
+        png_path = write_plot(rows, spec, folder / "trials.png")
     log.info("results: %s, %s", csv_path, png_path)
+    return folder
 
 
 def _quiet_optuna() -> None:

@@ -175,15 +175,16 @@ class SweepSpec:
 
 def load_sweep(path: str | os.PathLike[str]) -> SweepSpec:
     """Read and validate a sweep YAML file (errors name the file and the fix)."""
-    import yaml
+    from regfit.configfile import read_yaml
+    from regfit.errors import UsageError
 
     path = Path(path)
     if not path.is_file():
         raise SweepSpecError(f"sweep file {str(path)!r} not found (give the path of a YAML sweep file)")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SweepSpecError(f"{path}: not valid YAML: {exc}") from None
+    try:  # strictly: UTF-8, not empty, no key given twice (YAML would keep the last silently)
+        config = read_yaml(path, what="sweep", example="configs/sweeps/mnist_l2_lambda_lr.yaml")
+    except UsageError as exc:
+        raise SweepSpecError(str(exc)) from None
     return parse_sweep(config, source=str(path))
 
 

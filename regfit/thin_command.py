@@ -18,16 +18,13 @@ one paragraph), checked before any work where they can be.
 from __future__ import annotations
 
 import logging
-import os
 import sys
-import tempfile
 from typing import IO, Sequence
 
-import torch
-
+from regfit.atomic import atomic_save
 from regfit.export import Thinning
 
-__all__ = ["main", "render", "save_atomically", "USAGE"]
+__all__ = ["main", "render", "USAGE"]
 
 USAGE = """usage: regfit thin --config FILE --ckpt_path CKPT --out FILE [--ignore LAYER ...] [--plain]
                    [--section.key=value ...]
@@ -47,9 +44,11 @@ GroupLasso(units=True) term to get such units (configs/mnist_cnn_thin.yaml).
 
 def main(argv: Sequence[str]) -> int:
     """``regfit thin`` entry point; errors propagate to :func:`regfit.cli.main`."""
-    from regfit.errors import UsageError, check_config_given, check_readable, check_writable, take_option
+    from regfit.checkpointing import load_weights, read_checkpoint
+    from regfit.configfile import check_config_files
+    from regfit.errors import UsageError, check_config_given, check_output_file, take_option
     from regfit.export import thinning
-    from regfit.lightning_cli import load_weights, run_cli
+    from regfit.lightning_cli import run_cli
 
     args = list(argv)
     if any(a in ("-h", "--help") for a in args):
@@ -66,8 +65,9 @@ def main(argv: Sequence[str]) -> int:
         missing = " and ".join(o for o, v in (("--ckpt_path CKPT", ckpt_path), ("--out FILE", out)) if v is None)
         raise UsageError(f"`regfit thin` needs {missing}: `regfit thin --config FILE --ckpt_path last.ckpt "
                          "--out model.pt`.")
-    check_readable(ckpt_path)
-    check_writable(out)
+    check_output_file(out)
+    read_checkpoint(ckpt_path)  # before building anything: a bad file is named at once
+    check_config_files(args)
     cli = run_cli(args, run=False)
     load_weights(cli.model, ckpt_path)
     try:
@@ -85,30 +85,13 @@ def main(argv: Sequence[str]) -> int:
         )
     result.model.eval()
     try:
-        save_atomically(result.model, out)
+        atomic_save(result.model, out)
     except OSError as exc:  # a full disk, a folder that turned read-only: nothing half-written stays
         raise UsageError(f"--out {out} could not be written ({exc.strerror or exc}); an existing file there is "
                          "unchanged. Choose another --out.") from None
     render(result, sys.stdout, plain=plain)
     sys.stdout.write(f"Saved {out} (load it with torch.load({out!r}, weights_only=False)).\n")
     return 0
-
-
-def save_atomically(obj: object, path: str) -> None:
-    """``torch.save(obj, path)`` through a temporary file in the same folder, renamed over
-    ``path`` only once complete: a failure leaves an existing file as it was."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".regfit-thin-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 HEADER = ["unit group", "layers", "units", "zero", "removed", "after", "kept because"]

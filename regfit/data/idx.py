@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from regfit.data.atomic import atomic_write
+from regfit.atomic import atomic_write
 from regfit.data.errors import DataError
 
 __all__ = ["IMAGES_MAGIC", "LABELS_MAGIC", "encode_idx", "parse_idx", "read_idx", "write_idx"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from regfit.data.atomic import atomic_write_all
+from regfit.atomic import atomic_write_all
 from regfit.data.checksums import MD5SUMS, file_md5, read_md5sums
 from regfit.data.errors import DataError
 from regfit.data.files import find_file

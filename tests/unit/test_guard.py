@@ -268,3 +268,28 @@ def test_a_strength_that_freezes_adam_is_refused_at_fit_start():
     model = TinyNet(dtype=torch.float32, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
     with pytest.raises(ValueError, match=r"whose square overflows torch.float32 in the optimizer's second moment"):
         fit(model, batches(2, dtype=torch.float32), [Regularization(L2(), strength=1e30)])
+
+
+def test_divergence_is_found_without_a_logger_and_named_when_only_the_norm_overflows():
+    """--trainer.logger=false used to exit 0 with NaN weights (no logging step ever checked
+    them); weights that are finite but huge (their norm overflows) were reported with an
+    empty list of names."""
+
+    class Explode(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 2:  # the last step of the epoch: finite, but ‖w‖² > float32's max
+                with torch.no_grad():
+                    pl_module.head.weight.fill_(1e20)
+
+    model = TinyNet(dtype=torch.float32)
+    with pytest.raises(NonFinitePenaltyError, match=r"the weights of head\.weight grew to \|w\| = 1e\+20.*norm overflows.*"
+                                                    r"data step diverged"):
+        fit(model, batches(3, dtype=torch.float32), [Explode(), Regularization(L2(), strength=1e-4)])
+
+    class NaNs(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            with torch.no_grad():
+                pl_module.head.weight[0, 0] = float("nan")
+
+    with pytest.raises(NonFinitePenaltyError, match=r"were already non-finite .*data step diverged"):
+        fit(TinyNet(), batches(3), [NaNs(), Regularization(L2(), strength=1e-4)])

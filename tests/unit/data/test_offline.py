@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import regfit.data.atomic
+import regfit.atomic
 from regfit.data import DataError, MNISTDataModule, build_split_from_test_set, main
 from regfit.data.offline import OutputError
 from tests.unit.data.support import FILES, REPO_ROOT, copy_files, loaded
@@ -114,7 +114,7 @@ def test_a_write_failing_midway_leaves_no_half_written_folder(mnist_source, tmp_
 
     previous = build_split_from_test_set(mnist_source, tmp_path / "previous", n_train=500)
     before = {p.name: p.read_bytes() for p in previous.iterdir()}
-    monkeypatch.setattr(regfit.data.atomic, "open", disk_full_on_third_file, raising=False)
+    monkeypatch.setattr(regfit.atomic, "open", disk_full_on_third_file, raising=False)
     with pytest.raises(OutputError, match="No space left on device; nothing was written"):
         build_split_from_test_set(mnist_source, tmp_path / "new" / "out")
     assert not (tmp_path / "new").exists()
