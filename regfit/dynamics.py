@@ -42,8 +42,8 @@ cautious mode, other penalties
 Plain SGD with coupled L2 is exact beyond first order: cos θ = 1 − ηλ at equilibrium.
 Adam normalizes each coordinate, so its steps are only approximately tangential; the
 formula holds when the gradient's scale is similar across a tensor's entries. In
-equilibrium the penalty's share of the gradient, ‖λw‖/‖∇L‖, is √(ηλ/2) = θ_eq/2 for plain
-SGD. Each formula is checked against a simulation of the model in ``tests/unit/test_dynamics.py``
+equilibrium with coupled SGD the penalty's share of the gradient, ‖λw‖/‖∇L‖, is √(q/2):
+√(ηλ/2) = θ_eq/2 for plain SGD. Each formula is checked against a simulation of the model in ``tests/unit/test_dynamics.py``
 and, for plain SGD, against a real Linear → LayerNorm layer in
 ``tests/properties/test_rotational_equilibrium.py``.
 

@@ -20,6 +20,15 @@ sparsity and strength at the end. The first ``Regularization`` of the trainer lo
 totals for all terms: ``train/penalty``, ``train/loss`` (= data loss + penalty),
 ``train/penalty/<term>`` and their epoch means — also for a module whose own
 ``training_step`` logs nothing of it.
+
+Dynamics, on the same logging steps (:mod:`regfit.telemetry`, math in :mod:`regfit.dynamics`):
+in ``on_before_optimizer_step`` — once per real step, after all micro-batches of a
+gradient-accumulation window, with the data gradient unscaled and before any term acts —
+the term's tensors are copied and the data gradient measured; after the step
+``weights/angular_update/<term>``, ``weights/effective_lr/<term>``,
+``weights/equilibrium_angle/<term>`` and ``weights/grad_ratio/<term>`` are logged. At the
+first batch a probe finds which of the term's tensors are scale-invariant
+(:mod:`regfit.invariance`); ``dynamics=False`` switches both off.
 """
 
 from __future__ import annotations
@@ -34,11 +43,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from regfit.binding import decay_report
 from regfit.callback import BoundCallback, is_logging_step
 from regfit.guard import check_value, check_weights, stability_problem
+from regfit.invariance import probe_run, probe_scale_invariance
 from regfit.modes import ModeSpec, resolve_mode
 from regfit.penalties import Penalty, resolve_penalty
 from regfit.scaling import ScaleRule
 from regfit.schedules import Schedule
 from regfit.selection import Selector
+from regfit.telemetry import StepTelemetry
 from regfit.term import OnNonFinite, Override, Term
 
 __all__ = ["Regularization", "regularizations", "is_logging_step"]
@@ -75,6 +86,11 @@ class Regularization(BoundCallback):
             on logging steps only (their updates are finite for finite weights); your
             own penalties every step, at a copy, a reduction and a host sync. The penalty
             value is checked on logging steps too.
+        dynamics: log the term's dynamics on logging steps (``weights/angular_update/<name>``,
+            ``weights/effective_lr/<name>``, ``weights/equilibrium_angle/<name>``,
+            ``weights/grad_ratio/<name>``; see :mod:`regfit.dynamics`) and probe its
+            tensors for scale invariance at the first batch. Costs a copy of the term's
+            tensors during a logging step; ``False`` switches it off.
 
     ``strength`` can be set on the callback mid-run (``reg.strength = 5e-4``, e.g. from
     another callback); it is validated, logged and saved in checkpoints.
@@ -101,9 +117,12 @@ class Regularization(BoundCallback):
         schedule: Schedule | None = None,
         overrides: Sequence[Override] = (),
         on_nonfinite: OnNonFinite = "raise",
+        dynamics: bool = True,
     ) -> None:
         penalty = resolve_penalty(penalty)
         super().__init__(penalty.name if name is None else name)
+        if not isinstance(dynamics, bool):
+            raise ValueError(f"dynamics={dynamics!r}: give True (log the term's dynamics) or False.")
         self.term = Term(
             penalty=penalty,
             strength=strength,
@@ -116,9 +135,14 @@ class Regularization(BoundCallback):
             on_nonfinite=on_nonfinite,
         )
         self.bound = self.term
+        self.dynamics = dynamics
+        #: which of the term's tensors the first batch's probe found scale-invariant (None: not probed)
+        self.scale_invariant: dict[str, bool | None] = {}
         self._initial_strength = self.term.strength  # the strength the run was configured with
         self._loaded_state: dict[str, Any] | None = None
         self._pending: torch.Tensor | None = None  # this batch's penalty value, to be logged
+        self._telemetry = StepTelemetry(self.term)
+        self._probed = False
 
     @property
     def strength(self) -> float:
@@ -140,6 +164,8 @@ class Regularization(BoundCallback):
         defaults = {"schedule": None, "overrides": [], "on_nonfinite": "raise"}
         args = [repr(settings.pop("penalty"))] + [f"{k}={v!r}" for k, v in settings.items()
                                                    if not (k in defaults and v == defaults[k])]
+        if not self.dynamics:
+            args.append("dynamics=False")
         return f"Regularization({', '.join(args)})"
 
     # ---- fit start ------------------------------------------------------------------------
@@ -168,11 +194,34 @@ class Regularization(BoundCallback):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         # Steps already taken (restored on resume): what the strength schedule reads.
         self.term.step = trainer.global_step
+        if self.dynamics and not self._probed and trainer.loggers:
+            self._probe(pl_module, batch)
         # The penalty at the weights this batch's data loss sees (logging steps only).
         self._pending = None
         if is_logging_step(trainer):
             self._pending = self.penalty_value()
             check_value(self.term, self._pending)
+
+    def _probe(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Which of the term's tensors are scale-invariant (once, on the first batch)."""
+        self._probed = True
+        run = probe_run(pl_module, batch)
+        if run is None:
+            return
+        try:
+            self.scale_invariant = probe_scale_invariance(pl_module, [(a.name, a.param) for a in self.assignments], run)
+        except Exception as exc:  # noqa: BLE001 - a probe must never stop training
+            log.info("Term %r: the scale-invariance probe could not run the model (%s).", self.name, exc)
+            return
+        yes = [n for n, v in self.scale_invariant.items() if v]
+        log.info("Term %r: %d of %d tensors scale-invariant%s.", self.name, len(yes), len(self.scale_invariant),
+                 f" ({', '.join(yes[:8])}{' …' if len(yes) > 8 else ''})" if yes else "")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # Once per real step, after backward (all micro-batches) and unscaling, before
+        # clipping and before any term acts: the data gradient and w_t (logging steps only).
+        if self.dynamics and not self._telemetry.pending and is_logging_step(trainer) and self._telemetry.holds(optimizer):
+            self._telemetry.before_step()
 
     def penalty_value(self) -> torch.Tensor:
         """This term's λ·Σ c·R(w) at the current weights (no graph)."""
@@ -186,6 +235,9 @@ class Regularization(BoundCallback):
         pl_module.log(f"weights/norm/{self.name}", norm, on_step=True, on_epoch=False)
         pl_module.log(f"weights/sparsity/{self.name}", sparsity, on_step=True, on_epoch=False)
         pl_module.log(f"train/strength/{self.name}", float(self.term.strength_now()), on_step=True, on_epoch=False)
+        if self._telemetry.pending:  # the step of this batch happened: measure it
+            for key, value in self._telemetry.after_step().items():
+                pl_module.log(f"{key}/{self.name}", value, on_step=True, on_epoch=False)
         terms = regularizations(trainer)
         if terms and terms[0] is self:  # the first term logs the totals of all
             _log_penalties(trainer, pl_module, outputs, terms)
@@ -224,6 +276,10 @@ class Regularization(BoundCallback):
                     "state is not restored. If you renamed the term or changed its penalty, give it the old name "
                     f"(name={saved.get('name', '...')}) to resume it."
                 )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._telemetry.clear()  # a snapshot of a step that never ended (an exception)
+        super().teardown(trainer, pl_module, stage)
 
     def _restore(self, state: dict[str, Any]) -> None:
         # The strength schedule needs no state: it reads trainer.global_step, restored by Lightning.
