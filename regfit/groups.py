@@ -11,14 +11,17 @@ the same), a note under the table says so.
 
 It answers "is my bias decayed?", "did ``exclude: [last_layer]`` hit the head?" and
 "what does ``scale: fan`` make of λ?" before any compute is spent.
+
+A term given as a timescale shows λ when the steps per epoch are known, else the timescale.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from dataclasses import dataclass
-from typing import IO, Sequence
+from typing import IO, Mapping, Sequence
 
 from torch import nn
 
@@ -57,10 +60,11 @@ class TermTotal:
     term: str
     penalty: str
     mode: str
-    strength: float
+    strength: float  # NaN: from a timescale not resolved here
     tensors: int
     numel: int
     value: float  # λ·Σ c·R(w) at the current weights
+    timescale: Mapping[str, float] | None = None
 
 
 def mode_label(mode: Mode) -> str:
@@ -70,10 +74,12 @@ def mode_label(mode: Mode) -> str:
 
 
 def parameter_table(model: nn.Module, terms: Sequence[Regularization],
-                    optimizers: Sequence[torch.optim.Optimizer] = ()) -> tuple[list[Row], list[TermTotal]]:
+                    optimizers: Sequence[torch.optim.Optimizer] = (),
+                    steps_per_epoch: int | None = None) -> tuple[list[Row], list[TermTotal]]:
     """Rows (one per distinct tensor and term, in ``named_parameters`` order) and per-term
     totals for a model and its terms; with ``optimizers``, each row carries the optimizer's
-    own ``weight_decay`` for its tensor.
+    own ``weight_decay`` for its tensor, and a term given as a timescale gets its λ (an
+    epoch timescale needs ``steps_per_epoch``).
 
     Raises the terms' own selection errors (a glob matching nothing, …).
     """
@@ -86,14 +92,20 @@ def parameter_table(model: nn.Module, terms: Sequence[Regularization],
     for reg in terms:
         term = reg.term
         assignments = term.assign(model)
+        if term.timescale is not None and optimizers:  # λ needs the base lr (and the epoch's steps)
+            term.steps_per_epoch = steps_per_epoch
+            term.bind(None, optimizers)
+        resolved = not math.isnan(term.strength)
         mode = mode_label(term.mode)
         for a in assignments:
             by_param.setdefault(id(a.param), []).append(
-                Row(a.name, tuple(a.param.shape), a.param.numel(), term.name, repr(term.penalty), term.strength * a.coeff,
-                    mode, a.aliases, decay.get(id(a.param)) if optimizers else None)
+                Row(a.name, tuple(a.param.shape), a.param.numel(), term.name, repr(term.penalty),
+                    term.strength * a.coeff if resolved else None, mode, a.aliases,
+                    decay.get(id(a.param)) if optimizers else None)
             )
         totals.append(TermTotal(term.name, repr(term.penalty), mode, term.strength, len(assignments),
-                                sum(a.param.numel() for a in assignments), float(term.value())))
+                                sum(a.param.numel() for a in assignments),
+                                float(term.value()) if resolved else math.nan, term.timescale))
     rows = []
     for name, param in model.named_parameters():  # each tensor once, under its first name
         if id(param) in by_param:
@@ -124,9 +136,18 @@ def _cells(rows: list[Row], totals: list[TermTotal]) -> tuple[list[list[str]], l
     body = [[r.label, _fmt_shape(r.shape), f"{r.numel:,}", r.term or "-", r.penalty,
              "-" if r.coeff is None else f"{r.coeff:.4g}", r.mode,
              "-" if r.weight_decay is None else f"{r.weight_decay:g}"] for r in rows]
-    foot = [[t.term, t.penalty, t.mode, f"{t.strength:.4g}", str(t.tensors), f"{t.numel:,}", f"{t.value:.4g}"]
-            for t in totals]
+    foot = [[t.term, t.penalty, t.mode, _strength(t), str(t.tensors), f"{t.numel:,}",
+             "-" if math.isnan(t.value) else f"{t.value:.4g}"] for t in totals]
     return body, foot
+
+
+def _strength(t: TermTotal) -> str:
+    """λ, with the timescale it comes from (or only the timescale, unresolved)."""
+    if t.timescale is None:
+        return f"{t.strength:.4g}"
+    (unit, tau), = t.timescale.items()
+    given = f"τ={tau:g} {unit}"
+    return given if math.isnan(t.strength) else f"{t.strength:.4g} ({given})"
 
 
 PARAM_HEADER = ["parameter", "shape", "numel", "term", "penalty", "λ·c", "mode", "opt wd"]

@@ -34,7 +34,8 @@ first batch a probe finds which of the term's tensors are scale-invariant
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+import math
+from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -51,10 +52,14 @@ from regfit.schedules import Schedule
 from regfit.selection import Selector
 from regfit.telemetry import StepTelemetry
 from regfit.term import OnNonFinite, Override, Term
+from regfit.timescale import check_timescale
 
-__all__ = ["Regularization", "regularizations", "is_logging_step"]
+__all__ = ["Regularization", "regularizations", "is_logging_step", "steps_per_epoch", "DEFAULT_STRENGTH"]
 
 log = logging.getLogger(__name__)
+
+#: λ when neither ``strength`` nor ``timescale`` is given
+DEFAULT_STRENGTH = 1e-4
 
 
 class Regularization(BoundCallback):
@@ -63,7 +68,8 @@ class Regularization(BoundCallback):
     Args:
         penalty: a :class:`~regfit.penalties.Penalty` or a short name
             (``l2``, ``l1``, ``elasticnet``, ``lp``, ``lhalf``, ``grouplasso``).
-        strength: λ ≥ 0. With ``L2`` it is torch's ``weight_decay``.
+        strength: λ ≥ 0 (default 1e-4 when no ``timescale`` is given). With ``L2`` it is
+            torch's ``weight_decay``.
         mode: ``coupled``, ``decoupled``, ``proximal`` or a :mod:`regfit.modes` object.
         include: rules selecting parameters (default: all trainable ones); see
             :mod:`regfit.selection` for keywords, ``type:…`` and globs.
@@ -86,6 +92,12 @@ class Regularization(BoundCallback):
             on logging steps only (their updates are finite for finite weights); your
             own penalties every step, at a copy, a reduction and a host sync. The penalty
             value is checked on logging steps too.
+        timescale: instead of ``strength``, for ``L2`` with ``mode="decoupled"`` (any
+            optimizer) or ``mode="coupled"`` with SGD: ``{"epochs": τ}`` or ``{"steps": τ}``,
+            the time constant of the decay. λ is resolved at train start, from the
+            trainer's steps per epoch and the param group's base lr: λ = 1/(η₀·τ·steps_per_epoch)
+            for ``decoupled`` (:mod:`regfit.timescale` has the other cases), and logged as
+            ``train/strength/<name>``. Give exactly one of ``strength`` and ``timescale``.
         dynamics: log the term's dynamics on logging steps (``weights/angular_update/<name>``,
             ``weights/effective_lr/<name>``, ``weights/equilibrium_angle/<name>``,
             ``weights/grad_ratio/<name>``; see :mod:`regfit.dynamics`) and probe its
@@ -108,7 +120,7 @@ class Regularization(BoundCallback):
     def __init__(
         self,
         penalty: Penalty | str = "l2",
-        strength: float = 1e-4,
+        strength: float | None = None,
         mode: ModeSpec = "coupled",
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
@@ -117,6 +129,7 @@ class Regularization(BoundCallback):
         schedule: Schedule | None = None,
         overrides: Sequence[Override] = (),
         on_nonfinite: OnNonFinite = "raise",
+        timescale: dict[str, float] | None = None,
         dynamics: bool = True,
     ) -> None:
         penalty = resolve_penalty(penalty)
@@ -125,7 +138,7 @@ class Regularization(BoundCallback):
             raise ValueError(f"dynamics={dynamics!r}: give True (log the term's dynamics) or False.")
         self.term = Term(
             penalty=penalty,
-            strength=strength,
+            strength=DEFAULT_STRENGTH if strength is None and timescale is None else strength,
             selector=Selector(include=include, exclude=exclude),
             scale=scale,
             mode=resolve_mode(mode),
@@ -133,12 +146,14 @@ class Regularization(BoundCallback):
             schedule=schedule,
             overrides=overrides,
             on_nonfinite=on_nonfinite,
+            timescale=timescale,
         )
         self.bound = self.term
         self.dynamics = dynamics
         #: which of the term's tensors the first batch's probe found scale-invariant (None: not probed)
         self.scale_invariant: dict[str, bool | None] = {}
-        self._initial_strength = self.term.strength  # the strength the run was configured with
+        # the strength the run was configured with (None: it comes from the timescale)
+        self._initial_strength = None if self.term.timescale else self.term.strength
         self._loaded_state: dict[str, Any] | None = None
         self._pending: torch.Tensor | None = None  # this batch's penalty value, to be logged
         self._telemetry = StepTelemetry(self.term)
@@ -153,7 +168,24 @@ class Regularization(BoundCallback):
 
     @strength.setter
     def strength(self, value: float) -> None:
+        if self.term.timescale is not None:
+            raise ValueError(f"Term {self.name!r}: λ comes from timescale={self.term.timescale!r}; change the "
+                             "timescale (reg.timescale = {'epochs': τ}) or give the term a strength instead.")
         self.term.strength = value
+
+    @property
+    def timescale(self) -> Mapping[str, float] | None:
+        """The decay's time constant λ is resolved from (None for a term given a strength).
+        Set it mid-run to change λ from the next step on (resolved at once)."""
+        return self.term.timescale
+
+    @timescale.setter
+    def timescale(self, value: Mapping[str, float]) -> None:
+        if self.term.timescale is None:
+            raise ValueError(f"Term {self.name!r} was given a strength; set reg.strength, or build it with "
+                             "timescale=... instead.")
+        self.term.timescale = check_timescale(value)
+        self.term.resolve_timescale()
 
     @property
     def on_nonfinite(self) -> OnNonFinite:
@@ -161,7 +193,7 @@ class Regularization(BoundCallback):
 
     def __repr__(self) -> str:
         settings = self.term.settings()
-        defaults = {"schedule": None, "overrides": [], "on_nonfinite": "raise"}
+        defaults = {"strength": None, "schedule": None, "overrides": [], "on_nonfinite": "raise"}
         args = [repr(settings.pop("penalty"))] + [f"{k}={v!r}" for k, v in settings.items()
                                                    if not (k in defaults and v == defaults[k])]
         if not self.dynamics:
@@ -171,6 +203,10 @@ class Regularization(BoundCallback):
     # ---- fit start ------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        if not math.isnan(self.term.strength):  # else: a timescale resolved at train start
+            self._check_start(trainer)
+
+    def _check_start(self, trainer: pl.Trainer) -> None:
         problem = stability_problem(self.term)
         if problem:
             raise ValueError(f"Term {self.name!r} ({self.term.penalty!r}, {self.term.mode.name}, λ={self.term.strength:g}): "
@@ -180,11 +216,18 @@ class Regularization(BoundCallback):
             names = ", ".join(sorted({type(o).__name__ for o in trainer.optimizers}))
             rank_zero_warn(report.message(names))
         n = sum(a.param.numel() for a in self.assignments)
-        log.info("Term %r: %s, λ=%g, %s on %d tensors (%d weights).", self.name, self.term.penalty,
-                 self.term.strength, self.term.mode, len(self.assignments), n)
+        given = f" (from timescale {self.term.timescale})" if self.term.timescale else ""
+        log.info("Term %r: %s, λ=%g%s, %s on %d tensors (%d weights).", self.name, self.term.penalty,
+                 self.term.strength, given, self.term.mode, len(self.assignments), n)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)  # rebinds if a resume replaced the groups
+        if self.term.timescale is not None:  # the loaders exist now: steps per epoch are known
+            deferred = math.isnan(self.term.strength)
+            self.term.steps_per_epoch = steps_per_epoch(trainer)
+            self.term.resolve_timescale()
+            if deferred:
+                self._check_start(trainer)
         if self._loaded_state is not None:  # the term's state from the checkpoint
             self._restore(self._loaded_state)
             self._loaded_state = None
@@ -290,7 +333,16 @@ class Regularization(BoundCallback):
                 f"resuming with the current one. Changed: {'; '.join(changes)}."
             )
         saved = state.get("strength")
-        if saved is not None and not any(c.startswith("strength:") for c in changes):
+        if self.term.timescale is not None:
+            # λ is resolved again from the timescale; it differs only if the batch size, the
+            # loader or the base lr changed, and then the timescale is what the run asked for.
+            if saved is not None and saved != self.term.strength and not any(c.startswith("timescale:") for c in changes):
+                rank_zero_warn(
+                    f"Term {self.name!r}: timescale={self.term.timescale} gives λ={self.term.strength:g} in this run "
+                    f"and gave λ={saved:g} in the checkpoint's (the steps per epoch or the base lr changed); "
+                    f"continuing with λ={self.term.strength:g}, the same timescale."
+                )
+        elif saved is not None and not any(c.startswith("strength:") for c in changes):
             self.term.strength = saved  # changed mid-run before the checkpoint: continue with it
         max_lr = state.get("max_lr", [])
         if len(max_lr) == len(self.term.buckets):
@@ -307,6 +359,15 @@ def _config_changes(saved: dict[str, str] | None, current: dict[str, str]) -> li
         return []
     keys = list(current) + [k for k in saved if k not in current]
     return [f"{k}: {saved.get(k, '(absent)')} → {current.get(k, '(absent)')}" for k in keys if saved.get(k) != current.get(k)]
+
+
+def steps_per_epoch(trainer: pl.Trainer) -> int | float:
+    """Optimizer steps per training epoch: ⌈batches / accumulate_grad_batches⌉ (Lightning
+    also steps on the last, incomplete window); ``inf`` for a loader without a length."""
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches):
+        return batches
+    return math.ceil(batches / trainer.accumulate_grad_batches)
 
 
 def regularizations(trainer: pl.Trainer | None) -> list["Regularization"]:
