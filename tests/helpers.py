@@ -150,3 +150,20 @@ def launch_ranks(args: list[str], out: Path, attempts: int = 2) -> None:
         if proc.returncode == 0:
             return
     raise AssertionError(f"{' '.join(args)} failed {attempts}×:\n" + proc.stdout[-3000:] + proc.stderr[-3000:])
+
+
+class LayerNormMLP(RegModule):
+    """784 → Linear(no bias) → LayerNorm → ReLU → Linear → 10: body.0.weight is scale-invariant."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(784, width, bias=False), nn.LayerNorm(width), nn.ReLU())
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x.flatten(1)))
+
+    def data_loss(self, batch):
+        x, y = batch
+        return F.cross_entropy(self(x), y)

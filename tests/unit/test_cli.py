@@ -146,6 +146,20 @@ def test_groups_shows_a_timescale_and_the_lambda_it_gives(capsys):
     assert "τ=5 epochs" in out and next(ln for ln in out.splitlines() if ln.startswith("body.0.weight")).split()[5] == "-"
 
 
+def test_groups_says_which_tensors_are_scale_invariant(mnist_dir, capsys):
+    argv = ["groups", "--plain", "--config", L2_CONFIG, "--model=tests.helpers.LayerNormMLP", "--regularization.exclude=[]"]
+    assert main([*argv, "--data.data_dir", str(mnist_dir)]) == 0  # probed on one training batch
+    out = capsys.readouterr().out
+    cells = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.startswith(("body.", "head."))}
+    assert cells["body.0.weight"][-1] == "yes"  # Linear without bias → LayerNorm
+    assert cells["head.weight"][-1] == "no" and cells["body.1.weight"][-1] == "no"
+    assert "not probed" not in out
+    assert main([*argv, "--data.data_dir=nowhere"]) == 0  # no data on disk: not probed, and nothing downloaded
+    out = capsys.readouterr().out
+    assert {ln.split()[-1] for ln in out.splitlines() if ln.startswith("body.0.weight")} == {"?"}
+    assert "scale invariance not probed" in out and "MNIST data not found" in out
+
+
 def test_console_script_groups_runs_as_a_subprocess(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([sys.executable, "-c", "import sys; from regfit.cli import main; sys.exit(main())",
