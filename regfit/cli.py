@@ -6,10 +6,11 @@
     regfit validate|test|predict --config FILE [--ckpt_path=…]
     regfit groups --config FILE [--plain]     # which parameter gets which penalty; no training
     regfit sweep SWEEP.yaml                    # a W&B sweep file, run locally and offline
+    regfit report RUN_DIR [--out DIR]          # one page of plots of a CSV or W&B run
 
 ``fit``/``validate``/``test``/``predict`` are :class:`~regfit.lightning_cli.RegfitCLI`
 (LightningCLI with a ``regularization:`` section); the others live in their own modules
-(:mod:`regfit.groups`, :mod:`regfit.sweep`). A user mistake (unknown penalty or mode,
+(:mod:`regfit.groups`, :mod:`regfit.sweep`, :mod:`regfit.report`). A user mistake (unknown penalty or mode,
 negative λ, a selector matching nothing, a missing config file, …) ends the command with
 exit code 2 and one paragraph on stderr (:mod:`regfit.errors`); ``--debug`` (or
 ``REGFIT_DEBUG=1``) shows the traceback instead.
@@ -47,6 +48,7 @@ OVERVIEW = """regfit: weight regularization for PyTorch Lightning.
   regfit fit|validate|test|predict --config FILE [--section.key=value ...]
   regfit groups --config FILE [--plain]   which parameter gets which penalty (no training)
   regfit sweep SWEEP.yaml                 run a W&B sweep file locally, offline
+  regfit report RUN_DIR                   one page of plots of a CSV or W&B run
   add --debug (or REGFIT_DEBUG=1) to see tracebacks
 
 """
@@ -63,6 +65,10 @@ def _dispatch(argv: list[str]) -> int:
         return groups_main(argv[1:])
     if argv and argv[0] == "sweep":
         return _sweep(argv[1:])
+    if argv and argv[0] == "report":
+        from regfit.report import main as report_main
+
+        return report_main(argv[1:])
     if argv and argv[0] in ("fit", "validate", "test", "predict"):
         check_config_given(argv[0], argv[1:])
     run_cli(argv)
