@@ -6,7 +6,8 @@ float64 TinyNet (each Linear / LayerNorm, then the root), binds a regfit ``Term`
 torch optimizer and trains on its half of each global batch; it writes
 ``<case>_rank<r>.pt`` with the gathered full parameters, the penalty value, weight norm
 and sparsity after every step, the term's (name, coefficient) list and the number of
-all-reduces the term issued while updating and while computing values. Then, with
+all-reduces the term issued while updating and while computing values, and the
+dynamics telemetry of every step (:class:`~regfit.telemetry.StepTelemetry`). Then, with
 ``--lightning``, the same through ``Trainer(strategy=ModelParallelStrategy(...))``.
 """
 
@@ -26,6 +27,7 @@ from regfit.guard import apply_guarded
 from regfit.modes import Coupled, Decoupled, Proximal
 from regfit.penalties import L1, L2, GroupLasso, LHalf, Penalty
 from regfit.selection import Selector
+from regfit.telemetry import StepTelemetry
 from regfit.term import Term
 from tests.helpers import TinyNet, batches
 
@@ -72,10 +74,13 @@ def term(case: str) -> Term:
                 scale=scale, mode=mode, name=case)
 
 
-def train(net, t: Term, opt, data, rank: int | None, counts: dict | None = None) -> list[tuple[float, float, float]]:
+def train(net, t: Term, opt, data, rank: int | None, counts: dict | None = None,
+          dynamics: list | None = None) -> list[tuple[float, float, float]]:
     """STEPS steps; ``rank`` None trains on the whole batch, else on this rank's half.
-    Returns (penalty value, weight norm, sparsity) after every step."""
+    Returns (penalty value, weight norm, sparsity) after every step; appends each step's
+    telemetry to ``dynamics``."""
     t.bind(net, [opt])
+    telemetry = StepTelemetry(t)
     logged = []
     for x, y in data:
         if rank is not None:
@@ -83,6 +88,8 @@ def train(net, t: Term, opt, data, rank: int | None, counts: dict | None = None)
             x, y = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
         opt.zero_grad()
         F.cross_entropy(net(x), y).backward()
+        with _counting(counts, "telemetry"):
+            telemetry.before_step()
         with _counting(counts, "update"):
             if t.mode.phase != "post_update":
                 apply_guarded(t, None, "raise")
@@ -90,6 +97,10 @@ def train(net, t: Term, opt, data, rank: int | None, counts: dict | None = None)
         with _counting(counts, "update"):
             if t.mode.phase == "post_update":
                 apply_guarded(t, None, "raise")
+        with _counting(counts, "telemetry"):
+            measured = telemetry.after_step()
+        if dynamics is not None:
+            dynamics.append(measured)
         with _counting(counts, "log"):
             value = float(t.value())
             norm, sparsity = t.weight_stats()
@@ -133,11 +144,11 @@ def main(out: Path) -> None:
     for case in CASES:
         net = shard(model(), mesh)
         assert all(isinstance(p, DTensor) for p in net.parameters())
-        t, counts = term(case), {}
-        logged = train(net, t, CASES[case][0](net.parameters()), batches(STEPS, BATCH), rank, counts)
+        t, counts, dynamics = term(case), {}, []
+        logged = train(net, t, CASES[case][0](net.parameters()), batches(STEPS, BATCH), rank, counts, dynamics)
         params = {n: p.full_tensor().detach().clone() for n, p in net.named_parameters()}
         local_rows = {n: p.to_local().shape[0] for n, p in net.named_parameters()}
-        torch.save({"params": params, "logged": logged, "counts": counts, "local_rows": local_rows,
+        torch.save({"params": params, "logged": logged, "counts": counts, "local_rows": local_rows, "dynamics": dynamics,
                     "names": [n for n, _ in net.named_parameters()],
                     "coeffs": [(a.name, a.coeff) for a in t.assignments]}, out / f"{case}_rank{rank}.pt")
     dist.destroy_process_group()
