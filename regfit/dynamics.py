@@ -47,11 +47,10 @@ equilibrium with coupled SGD the penalty's share of the gradient, ‖λw‖/‖�
 and, for plain SGD, against a real Linear → LayerNorm layer in
 ``tests/properties/test_rotational_equilibrium.py``.
 
-Angles are computed from three sums that add up over the shards of a sharded tensor —
-‖a‖², ‖b − a‖², ⟨b − a, a⟩ for the tensor before (a) and after (b) the step, accumulated
-in float64 — as θ = atan2(‖(b − a)_⟂‖, ‖a‖ + (b − a)_∥), which is accurate for the tiny
-angles of one step (arccos of the cosine is not: in float32 it cannot resolve angles below
-~3e-4 rad).
+Angles are computed as θ = 2·asin(‖â − b̂‖/2) for the tensor before (a) and after (b) the
+step, from sums that add up over the shards of a sharded tensor (‖a‖² and ‖b‖², then
+‖a·‖b‖/‖a‖ − b‖²): accurate for the tiny angles of one step whatever the change of length
+(arccos of the cosine is not: in float32 it cannot resolve angles below ~3e-4 rad).
 """
 
 from __future__ import annotations
@@ -65,18 +64,20 @@ from torch import Tensor
 from regfit.modes import Coupled, Decoupled, Mode, Proximal
 from regfit.penalties import L2, Penalty
 
-__all__ = ["squared_norms", "rotation_sums", "rotation_angles", "angle", "rms", "effective_lrs", "step_ratio", "decay_fraction",
+__all__ = ["squared_norms", "unit_difference_sums", "rotation_angles", "angles", "angle", "rms", "effective_lrs", "step_ratio", "decay_fraction",
            "equilibrium_angle"]
 
 
-def _accumulator(t: Tensor) -> torch.dtype:
-    """float64 for norms (exact enough to subtract one squared norm from another), except
-    where the device has none."""
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _result_dtype(t: Tensor) -> torch.dtype:
+    """float64 for the sums (so that they can be subtracted), except where the device has none."""
     return torch.float32 if t.device.type == "mps" else torch.float64
 
 
 def squared_norms(tensors: Sequence[Tensor]) -> Tensor:
-    """‖t‖² of each tensor, accumulated in float64 (one batched call), shape (n,).
+    """‖t‖² of each tensor (one batched call; bf16/fp16 accumulated in float32), as float64.
 
     >>> squared_norms([torch.tensor([3.0, 4.0]), torch.ones(2, 2, dtype=torch.bfloat16)])
     tensor([25.,  4.], dtype=torch.float64)
@@ -84,45 +85,55 @@ def squared_norms(tensors: Sequence[Tensor]) -> Tensor:
     tensors = [t.detach() for t in tensors]
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=_accumulator(tensors[0]))).square()
+    low = tensors[0].dtype in _LOW_PRECISION
+    # (an explicit dtype takes a slower path: only where the tensor's own would lose digits)
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32) if low else torch._foreach_norm(tensors)
+    return torch.stack(norms).to(_result_dtype(tensors[0])).square()
 
 
-def rotation_sums(before: Sequence[Tensor], after: Sequence[Tensor], inplace: bool = False) -> Tensor:
-    """Per tensor pair (a, b): ``[‖a‖², ‖b − a‖², ⟨b − a, a⟩]``, shape (n, 3), float64.
+def unit_difference_sums(before: Sequence[Tensor], after: Sequence[Tensor], ratios: Sequence[float],
+                         inplace: bool = False) -> Tensor:
+    """‖a/κ − b‖² per tensor pair, κ = ``ratios[i]`` = ‖a‖/‖b‖ (so a/κ is a rescaled to b's
+    length; sums over shards add up, given the whole tensors' κ). ``inplace=True`` writes
+    a/κ − b into ``before`` instead of a copy.
 
-    The three sums add up over the shards of a tensor, so a sharded tensor's row is the
-    sum of its shards' rows. Batched: three norms and one subtraction per list, the dot
-    product from them, ⟨d, a⟩ = (‖b‖² − ‖a‖² − ‖d‖²)/2. That subtraction loses what float64
-    loses (~1e-16·‖a‖²), which moves the angle of :func:`rotation_angles` by at most about
-    √(1e-16·|⟨d, a⟩|)/‖a‖ — below 1e-9 rad for any step that changes ‖a‖ by less than 1 %.
-    ``inplace=True`` writes a − b into ``before`` instead of a temporary copy.
-
-    >>> rotation_sums([torch.tensor([3.0, 0.0])], [torch.tensor([3.0, 4.0])])
-    tensor([[ 9., 16.,  0.]], dtype=torch.float64)
+    >>> a, b = torch.tensor([2.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    >>> unit_difference_sums([a], [b], [2.0])  # ‖(1, −1)‖²
+    tensor([2.0000], dtype=torch.float64)
     """
     before = [t.detach() for t in before]
     after = [t.detach() for t in after]
     if not before:
-        return torch.zeros(0, 3, dtype=torch.float64)
-    sq_a, sq_b = squared_norms(before), squared_norms(after)
-    diff = before if inplace else torch._foreach_sub(before, after)
-    if inplace:
-        torch._foreach_sub_(diff, after)
-    sq_d = squared_norms(diff)  # ‖a − b‖ = ‖b − a‖
-    return torch.stack([sq_a, sq_d, (sq_b - sq_a - sq_d) / 2], dim=1)
+        return torch.zeros(0, dtype=torch.float64)
+    diff = before if inplace else torch._foreach_clone(before)
+    torch._foreach_div_(diff, [float(r) if r > 0 else 1.0 for r in ratios])
+    torch._foreach_sub_(diff, after)
+    return squared_norms(diff)
 
 
-def rotation_angles(sums: Tensor) -> Tensor:
-    """The angle (radians) between a and b from :func:`rotation_sums`' rows; NaN where a = 0.
+def rotation_angles(sq_before: Tensor, sq_after: Tensor, sq_unit_difference: Tensor) -> Tensor:
+    """The angle (radians) between a and b from ‖a‖², ‖b‖² and ‖a/κ − b‖² (κ = ‖a‖/‖b‖,
+    :func:`unit_difference_sums`): θ = 2·asin(‖â − b̂‖/2); NaN where a or b is 0.
 
-    >>> rotation_angles(torch.tensor([[1.0, 1.0, 0.0], [4.0, 16.0, -8.0]], dtype=torch.float64))
-    tensor([0.7854, 3.1416], dtype=torch.float64)
+    >>> rotation_angles(*torch.tensor([[4.0, 1.0], [1.0, 1.0], [2.0, 4.0]], dtype=torch.float64))
+    tensor([1.5708, 3.1416], dtype=torch.float64)
     """
-    sq_a, sq_d, dot = sums.unbind(-1)
-    norm_a = sq_a.sqrt()
-    along = dot / norm_a  # the step's component along a (NaN when a = 0: no direction)
-    across = (sq_d - along.square()).clamp_min(0).sqrt()
-    return torch.atan2(across, norm_a + along)
+    chord = (sq_unit_difference / sq_after).sqrt()  # ‖â − b̂‖ ∈ [0, 2]
+    chord = torch.where((sq_before > 0) & (sq_after > 0), chord, torch.nan)
+    return 2 * torch.asin((chord / 2).clamp(max=1.0))
+
+
+def angles(before: Sequence[Tensor], after: Sequence[Tensor]) -> Tensor:
+    """The angle (radians) between each pair of tensors, accurate for tiny rotations: a is
+    rescaled to b's length and subtracted entry by entry (exact for nearby values), so the
+    error stays ~1e-7 rad in float32 whatever the change of length.
+
+    >>> angles([torch.tensor([3.0, 0.0])], [torch.tensor([3.0, 3.0])])
+    tensor([0.7854], dtype=torch.float64)
+    """
+    sq_a, sq_b = squared_norms(before), squared_norms(after)
+    ratios = (sq_a / sq_b).sqrt().tolist()
+    return rotation_angles(sq_a, sq_b, unit_difference_sums(before, after, ratios))
 
 
 def angle(a: Tensor, b: Tensor) -> Tensor:
@@ -131,7 +142,7 @@ def angle(a: Tensor, b: Tensor) -> Tensor:
     >>> round(float(angle(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1e-6]))), 12)
     1e-06
     """
-    return rotation_angles(rotation_sums([a], [b]))[0]
+    return angles([a], [b])[0]
 
 
 def rms(values: Tensor) -> Tensor:

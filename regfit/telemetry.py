@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from regfit.dynamics import effective_lrs, equilibrium_angle, rms, rotation_angles, rotation_sums, squared_norms
+from regfit.dynamics import effective_lrs, equilibrium_angle, rms, rotation_angles, squared_norms, unit_difference_sums
 from regfit.modes import Bucket
 from regfit.penalties import L2, Penalty
 from regfit.sharding import local, shard_sum
@@ -75,6 +75,7 @@ class StepTelemetry:
         self._params: list[Tensor] = []
         self._before: list[Tensor] = []
         self._buckets: list[Bucket] = []
+        self._sq_before = torch.zeros(0, dtype=torch.float64)
         self._grad_sums: tuple[float, float] | None = None
 
     def holds(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -101,15 +102,17 @@ class StepTelemetry:
 
             def sums(ws: list[Tensor], idx: list[int]) -> Tensor:
                 grads = [local(params[i].grad) for i in idx]
+                sq_w = squared_norms(ws)
                 if l2:  # ∇R = w
-                    reg = squared_norms(ws)
+                    reg = sq_w
                 else:
                     views = [w.transpose(0, 1) if oriented.get(id(params[i])) else w for w, i in zip(ws, idx)]
                     reg = squared_norms([term.penalty.grad(_wide(v)) for v in views])
-                return torch.stack([squared_norms(ws), squared_norms(grads), reg.to(torch.float64)], dim=1)
+                return torch.stack([sq_w, squared_norms(grads), reg.to(sq_w.dtype)], dim=1)
 
             rows = _per_tensor(sums, params).cpu()
         lams = torch.tensor([term.strength_now(b) * b.coeff for b in buckets], dtype=torch.float64)
+        self._sq_before = rows[:, 0]
         self._grad_sums = (float((lams.square() * rows[:, 2]).sum()), float(rows[:, 1].sum()))
         self._params, self._buckets = params, buckets
 
@@ -126,13 +129,17 @@ class StepTelemetry:
         """
         if not self.pending:
             return {}
-        params, before, buckets, (reg, data) = self._params, self._before, self._buckets, self._grad_sums
+        params, before, buckets, sq_before = self._params, self._before, self._buckets, self._sq_before
+        reg, data = self._grad_sums
         self.clear()
         with torch.no_grad():
-            # a − b is written into the snapshot (no second copy); each sum adds up over shards
-            rows = _per_tensor(lambda ws, idx: rotation_sums([before[i] for i in idx], ws, inplace=True), params).cpu()
-        angles = rotation_angles(rows)
-        sq_after = rows[:, 0] + 2 * rows[:, 2] + rows[:, 1]  # ‖a + d‖²
+            # ‖w_{t+1}‖², then ‖w_t·κ⁻¹ − w_{t+1}‖² with κ = ‖w_t‖/‖w_{t+1}‖ of the whole tensors,
+            # written into the snapshot (no second copy); each sum adds up over shards.
+            sq_after = _per_tensor(lambda ws, idx: squared_norms(ws)[:, None], params).cpu()[:, 0]
+            ratios = torch.where(sq_after > 0, (sq_before / sq_after).sqrt(), 1.0).tolist()
+            sq_diff = _per_tensor(lambda ws, idx: unit_difference_sums(
+                [before[i] for i in idx], ws, [ratios[i] for i in idx], inplace=True)[:, None], params).cpu()[:, 0]
+        angles = rotation_angles(sq_before, sq_after, sq_diff)
         out = {"weights/angular_update": float(rms(angles)),
                "weights/effective_lr": float(rms(effective_lrs([b.lr for b in buckets], sq_after)))}
         predicted = self._equilibrium(buckets)

@@ -69,12 +69,12 @@ def test_sharded_training_equals_unsharded(case, fsdp_results):
         assert r["counts"].get("update", 0) == expected_updates
         assert r["counts"]["log"] == 2 * W.STEPS
     # dynamics: summed over shards, equal to the unsharded measurement; one all-reduce
-    # before the step and one after it
+    # before the step and two after it
     for r in (r0, r1):
         assert [set(d) for d in r["dynamics"]] == [set(d) for d in ref_dynamics]
         for got, want in zip(r["dynamics"], ref_dynamics):
             assert got == pytest.approx(want, rel=1e-8), (got, want)
-        assert r["counts"]["telemetry"] == 2 * W.STEPS
+        assert r["counts"]["telemetry"] == 3 * W.STEPS
 
 
 def test_proximal_l1_and_grouplasso_make_exact_zeros_on_shards(fsdp_results):

@@ -10,14 +10,15 @@ import torch
 
 from regfit.dynamics import (
     angle,
+    angles,
     decay_fraction,
     effective_lrs,
     equilibrium_angle,
     rms,
     rotation_angles,
-    rotation_sums,
     squared_norms,
     step_ratio,
+    unit_difference_sums,
 )
 from regfit.modes import CautiousDecoupled, Coupled, Decoupled, Proximal
 from regfit.penalties import L1, L2
@@ -41,8 +42,7 @@ def test_angle_matches_the_textbook_angle_down_to_tiny_rotations(theta):
     u -= (u * a).sum() / (a * a).sum() * a  # ⟂ a
     b = math.cos(theta) * a / a.norm() + math.sin(theta) * u / u.norm()
     b = b * 1.3 * a.norm()  # and a different length: the angle ignores it
-    # (its dot product comes from three norms: ~1e-8·√|Δ‖w‖²|/‖w‖ of error, here a 30 % longer w)
-    assert float(angle(a, b)) == pytest.approx(theta, rel=1e-6, abs=1e-10)
+    assert float(angle(a, b)) == pytest.approx(theta, rel=1e-9)
     # float32 weights: still accurate for the angles of one step (arccos of the float32
     # cosine cannot tell 1e-4 rad from 0)
     assert float(angle(a.float(), b.float())) == pytest.approx(theta, rel=2e-3)
@@ -55,21 +55,24 @@ def test_a_pure_shrink_turns_nothing_and_a_reversal_is_pi():
     assert math.isnan(float(angle(torch.zeros(5), torch.ones(5))))  # no direction to turn
 
 
-def test_rotation_sums_are_sums_over_pieces_of_a_tensor():
-    """The property sharded tensors rely on: the rows of two halves add up to the whole's."""
+def test_the_sums_add_up_over_pieces_of_a_tensor():
+    """The property sharded tensors rely on: given the whole tensors' length ratio, the sums
+    of two halves add up to the whole's, and so give the same angle."""
     a, b = torch.randn(64, 8, dtype=torch.float64), torch.randn(64, 8, dtype=torch.float64)
-    whole = rotation_sums([a], [b])
-    halves = rotation_sums([a[:32], a[32:]], [b[:32], b[32:]]).sum(0, keepdim=True)
-    assert torch.allclose(whole, halves, rtol=1e-12)
+    sq_a, sq_b = squared_norms([a]), squared_norms([b])
+    ratio = float((sq_a / sq_b).sqrt())
+    halves = unit_difference_sums([a[:32], a[32:]], [b[:32], b[32:]], [ratio, ratio]).sum(0, keepdim=True)
+    assert torch.allclose(squared_norms([a[:32], a[32:]]).sum(), sq_a[0], rtol=1e-12)
+    assert float(rotation_angles(sq_a, sq_b, halves)[0]) == pytest.approx(direct_angle(a, b), rel=1e-10)
     before = [a.clone()]
-    rotation_sums(before, [b], inplace=True)
-    assert torch.equal(before[0], a - b)
+    unit_difference_sums(before, [b], [ratio], inplace=True)
+    assert torch.allclose(before[0], a / ratio - b, rtol=1e-12)
 
 
 def test_low_precision_tensors_are_accumulated_wide():
     w = torch.randn(4096).bfloat16()
     assert squared_norms([w]).dtype == torch.float64
-    assert float(squared_norms([w])[0]) == pytest.approx(float(w.double().square().sum()), rel=1e-6)
+    assert float(squared_norms([w])[0]) == pytest.approx(float(w.double().square().sum()), rel=1e-5)
     turned = (w.float() + 0.05 * torch.randn(4096)).bfloat16()
     assert float(angle(w, turned)) == pytest.approx(direct_angle(w, turned), rel=1e-3)
 
@@ -79,8 +82,7 @@ def test_rms_and_effective_lr_skip_what_has_no_value():
     assert math.isnan(float(rms(torch.tensor([float("nan")]))))
     lrs = effective_lrs([0.1, 0.2], torch.tensor([4.0, 0.0], dtype=torch.float64))
     assert float(lrs[0]) == pytest.approx(0.025) and math.isnan(float(lrs[1]))
-    sums = rotation_sums([torch.ones(3)], [2 * torch.ones(3)])
-    assert rotation_angles(sums).tolist() == [pytest.approx(0.0, abs=1e-7)]
+    assert angles([torch.ones(3), torch.ones(3)], [2 * torch.ones(3), -torch.ones(3)]).tolist() == [0.0, math.pi]
 
 
 # ---- the predicted equilibrium: the table ----------------------------------------------------

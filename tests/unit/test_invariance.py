@@ -90,3 +90,20 @@ def test_linear_or_conv_before_other_norms(norm):
         nn.Conv2d(1, 8, 3, bias=False), nn.GroupNorm(2, 8))
     x = torch.randn(4, 8) if norm is nn.LayerNorm else torch.randn(4, 1, 6, 6)
     assert probe_scale_invariance(model, [("w", model[0].weight)], lambda: model(x)) == {"w": True}
+
+
+def test_a_group_of_invariant_tensors_costs_one_pass_and_a_mixed_one_is_split():
+    torch.manual_seed(0)
+    layers = [m for _ in range(8) for m in (nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8, affine=False))]
+    model = nn.Sequential(*layers).train()
+    x = torch.randn(4, 8, 5, 5)
+    calls = []
+    found = probe_scale_invariance(model, list(model.named_parameters()), lambda: calls.append(1) or model(x))
+    assert set(found.values()) == {True} and len(found) == 8
+    assert len(calls) == 2  # the unscaled output, then all eight scaled at once
+    # a Linear with its bias before a LayerNorm: invariant only together; each gets its own factor
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8))
+    calls.clear()
+    found = probe_scale_invariance(model, list(model.named_parameters()), lambda: calls.append(1) or model(torch.randn(4, 4)))
+    assert found == {"0.weight": False, "0.bias": False, "1.weight": False, "1.bias": None}  # (zeros at init)
+    assert len(calls) == 1 + 1 + 3  # base, the group, then one by one
