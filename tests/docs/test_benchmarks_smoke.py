@@ -59,3 +59,12 @@ def test_lhalf_kernels_prints_its_table():
     assert "### coupled L1/2 kernels: cnn" in out
     for row in ("| regfit ", "| mul_add ", "| chunked "):
         assert row in out
+
+
+def test_dynamics_overhead_prints_its_tables():
+    out = run_script("benchmarks/dynamics_overhead.py", "--quick", "--models", "mlp")
+    assert out.startswith("machine: CPU: ")
+    for heading in ("### alone: one logged step's dynamics", "### trainer: mlp in a Trainer",
+                    "| log_every_n_steps=1 ", "| log_every_n_steps=50 ", "scale-invariance probe at the first batch"):
+        assert heading in out
+    assert "| mlp " in out and "MiB" in out  # the snapshot's size
