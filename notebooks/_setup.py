@@ -109,6 +109,8 @@ class DigitsMLP(RegModule):
         optimizer: ``params -> torch.optim.Optimizer``; SGD(lr=0.05, momentum=0.9) by default.
         norm: Put a LayerNorm after each hidden Linear.
         seed: Seed of the initialization, so two models built alike start identical.
+        bias: Give the hidden Linears a bias (without one, and with ``norm``, their weights
+            are scale-invariant).
     """
 
     def __init__(
@@ -117,13 +119,14 @@ class DigitsMLP(RegModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         norm: bool = False,
         seed: int = 0,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         torch.manual_seed(seed)
         layers: list[nn.Module] = []
         width = 28 * 28
         for h in hidden:
-            layers += [nn.Linear(width, h)] + ([nn.LayerNorm(h)] if norm else []) + [nn.ReLU()]
+            layers += [nn.Linear(width, h, bias=bias)] + ([nn.LayerNorm(h)] if norm else []) + [nn.ReLU()]
             width = h
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, 10)
