@@ -375,7 +375,7 @@ def bench_lightning(args, device, sync) -> None:
     tmp = tempfile.mkdtemp(prefix="regfit-bench-")
     setups = {
         "lightning_sgd_weight_decay": (lambda: Net(weight_decay=LAM), lambda: [], 50),
-        "regfit_l2_no_logging": (SilentNet, lambda: [SilentRegularization(L2(), strength=LAM)], 50),
+        "regfit_l2_no_logging": (SilentNet, lambda: [SilentRegularization(L2(), strength=LAM, dynamics=False)], 50),
         "regfit_l2_logging_every_50": (Net, lambda: [Regularization(L2(), strength=LAM)], 50),
         "regfit_l2_logging_every_step": (Net, lambda: [Regularization(L2(), strength=LAM)], 1),
     }

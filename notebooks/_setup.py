@@ -109,6 +109,8 @@ class DigitsMLP(MLP):
         optimizer: ``params -> torch.optim.Optimizer``; SGD(lr=0.05, momentum=0.9) by default.
         norm: Put a LayerNorm after each hidden Linear.
         seed: Seed of the initialization, so two models built alike start identical.
+        bias: Give the hidden Linears a bias (without one, and with ``norm``, their weights
+            are scale-invariant).
     """
 
     def __init__(
@@ -117,9 +119,10 @@ class DigitsMLP(MLP):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         norm: bool = False,
         seed: int = 0,
+        bias: bool = True,
     ) -> None:
         torch.manual_seed(seed)
-        super().__init__(widths=hidden, norm="layer" if norm else "none")
+        super().__init__(widths=hidden, norm="layer" if norm else "none", bias=bias)
         self._optimizer = optimizer or (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

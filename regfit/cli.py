@@ -7,10 +7,11 @@
     regfit groups --config FILE [--plain]     # which parameter gets which penalty; no training
     regfit thin --config FILE --ckpt_path CKPT --out model.pt   # remove the units that are exactly zero
     regfit sweep SWEEP.yaml                    # a W&B sweep file, run locally and offline
+    regfit report RUN_DIR [--out DIR]          # one page of plots of a CSV or W&B run
 
 ``fit``/``validate``/``test``/``predict`` are :class:`~regfit.lightning_cli.RegfitCLI`
 (LightningCLI with a ``regularization:`` section); the others live in their own modules
-(:mod:`regfit.groups`, :mod:`regfit.thin_command`, :mod:`regfit.sweep`). A user mistake (unknown penalty or mode,
+(:mod:`regfit.groups`, :mod:`regfit.thin_command`, :mod:`regfit.sweep`, :mod:`regfit.report`). A user mistake (unknown penalty or mode,
 negative λ, a selector matching nothing, a missing config file, …) ends the command with
 exit code 2 and one paragraph on stderr (:mod:`regfit.errors`); ``--debug`` (or
 ``REGFIT_DEBUG=1``) shows the traceback instead. A command stopped by SIGTERM or Ctrl+C
@@ -71,6 +72,7 @@ OVERVIEW = """regfit: weight regularization for PyTorch Lightning.
   regfit thin --config FILE --ckpt_path CKPT --out FILE
                                           save the model without its exactly-zero units
   regfit sweep SWEEP.yaml                 run a W&B sweep file locally, offline
+  regfit report RUN_DIR                   one page of plots of a CSV or W&B run
   add --debug (or REGFIT_DEBUG=1) to see tracebacks
 
 """
@@ -91,6 +93,10 @@ def _dispatch(argv: list[str]) -> int:
         return thin_main(argv[1:])
     if argv and argv[0] == "sweep":
         return _sweep(argv[1:])
+    if argv and argv[0] == "report":
+        from regfit.report import main as report_main
+
+        return report_main(argv[1:])
     if argv and argv[0] in ("fit", "validate", "test", "predict"):
         check_config_given(argv[0], argv[1:])
         check_config_files(argv[1:])

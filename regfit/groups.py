@@ -14,14 +14,22 @@ It answers "is my bias decayed?", "did ``exclude: [last_layer]`` hit the head?" 
 reads a trained checkpoint's weights first; then the totals say, for a ``GroupLasso`` term,
 how many of its groups are exactly zero, and a line under them gives the model's size after
 ``regfit thin`` (:mod:`regfit.export`).
+
+The last column says which selected tensors are scale-invariant (``yes``: a Linear or Conv
+without bias before a norm layer, whose effective learning rate weight decay sets; see
+:mod:`regfit.invariance`), probed on the model's ``example_input_array`` or on one
+training batch of the config's data module, which ``regfit groups`` never downloads: ``?``
+when there is no such input (a note says why). A term given as a timescale shows λ when
+the data module tells the steps per epoch, else the timescale.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from dataclasses import dataclass
-from typing import IO, Sequence
+from typing import IO, Any, Mapping, Sequence
 
 from torch import nn
 
@@ -29,6 +37,7 @@ import torch
 
 from regfit.binding import decay_report
 from regfit.functional import bundle_norms, row_norms
+from regfit.invariance import probe_run, probe_scale_invariance
 from regfit.modes import Mode
 from regfit.penalties import GroupLasso
 from regfit.regularization import Regularization
@@ -52,6 +61,7 @@ class Row:
     mode: str
     aliases: tuple[str, ...] = ()  # other names of the same tensor (tied weights)
     weight_decay: float | None = None  # the optimizer's own, for this tensor (None: no optimizer)
+    scale_invariant: bool | None = None  # None: not probed
 
     @property
     def label(self) -> str:
@@ -63,10 +73,11 @@ class TermTotal:
     term: str
     penalty: str
     mode: str
-    strength: float
+    strength: float  # NaN: from a timescale not resolved here
     tensors: int
     numel: int
     value: float  # λ·Σ c·R(w) at the current weights
+    timescale: Mapping[str, float] | None = None
     zero_groups: tuple[int, int] | None = None  # (exactly zero, all) groups of a GroupLasso term
 
 
@@ -77,10 +88,14 @@ def mode_label(mode: Mode) -> str:
 
 
 def parameter_table(model: nn.Module, terms: Sequence[Regularization],
-                    optimizers: Sequence[torch.optim.Optimizer] = ()) -> tuple[list[Row], list[TermTotal]]:
+                    optimizers: Sequence[torch.optim.Optimizer] = (),
+                    invariant: Mapping[int, bool | None] | None = None,
+                    steps_per_epoch: int | None = None) -> tuple[list[Row], list[TermTotal]]:
     """Rows (one per distinct tensor and term, in ``named_parameters`` order) and per-term
     totals for a model and its terms; with ``optimizers``, each row carries the optimizer's
-    own ``weight_decay`` for its tensor.
+    own ``weight_decay`` for its tensor, and a term given as a timescale gets its λ (an
+    epoch timescale needs ``steps_per_epoch``). ``invariant`` maps ``id(tensor)`` to the
+    scale-invariance probe's answer.
 
     Raises the terms' own selection errors (a glob matching nothing, …).
     """
@@ -93,14 +108,20 @@ def parameter_table(model: nn.Module, terms: Sequence[Regularization],
     for reg in terms:
         term = reg.term
         assignments = term.assign(model)
+        if term.timescale is not None and optimizers:  # λ needs the base lr (and the epoch's steps)
+            term.steps_per_epoch = steps_per_epoch
+            term.bind(None, optimizers)
+        resolved = not math.isnan(term.strength)
         mode = mode_label(term.mode)
         for a in assignments:
             by_param.setdefault(id(a.param), []).append(
-                Row(a.name, tuple(a.param.shape), a.param.numel(), term.name, repr(term.penalty), term.strength * a.coeff,
-                    mode, a.aliases, decay.get(id(a.param)) if optimizers else None)
+                Row(a.name, tuple(a.param.shape), a.param.numel(), term.name, repr(term.penalty),
+                    term.strength * a.coeff if resolved else None, mode, a.aliases,
+                    decay.get(id(a.param)) if optimizers else None, (invariant or {}).get(id(a.param)))
             )
         totals.append(TermTotal(term.name, repr(term.penalty), mode, term.strength, len(assignments),
-                                sum(a.param.numel() for a in assignments), float(term.value()), zero_groups(term)))
+                                sum(a.param.numel() for a in assignments),
+                                float(term.value()) if resolved else math.nan, term.timescale, zero_groups(term)))
     rows = []
     for name, param in model.named_parameters():  # each tensor once, under its first name
         if id(param) in by_param:
@@ -161,13 +182,24 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
 def _cells(rows: list[Row], totals: list[TermTotal]) -> tuple[list[list[str]], list[list[str]]]:
     body = [[r.label, _fmt_shape(r.shape), f"{r.numel:,}", r.term or "-", r.penalty,
              "-" if r.coeff is None else f"{r.coeff:.4g}", r.mode,
-             "-" if r.weight_decay is None else f"{r.weight_decay:g}"] for r in rows]
-    foot = [[t.term, t.penalty, t.mode, f"{t.strength:.4g}", str(t.tensors), f"{t.numel:,}", f"{t.value:.4g}",
+             "-" if r.weight_decay is None else f"{r.weight_decay:g}",
+             "-" if r.term is None else {True: "yes", False: "no", None: "?"}[r.scale_invariant]] for r in rows]
+    foot = [[t.term, t.penalty, t.mode, _strength(t), str(t.tensors), f"{t.numel:,}",
+             "-" if math.isnan(t.value) else f"{t.value:.4g}",
              "-" if t.zero_groups is None else f"{t.zero_groups[0]:,} of {t.zero_groups[1]:,}"] for t in totals]
     return body, foot
 
 
-PARAM_HEADER = ["parameter", "shape", "numel", "term", "penalty", "λ·c", "mode", "opt wd"]
+def _strength(t: TermTotal) -> str:
+    """λ, with the timescale it comes from (or only the timescale, unresolved)."""
+    if t.timescale is None:
+        return f"{t.strength:.4g}"
+    (unit, tau), = t.timescale.items()
+    given = f"τ={tau:g} {unit}"
+    return given if math.isnan(t.strength) else f"{t.strength:.4g} ({given})"
+
+
+PARAM_HEADER = ["parameter", "shape", "numel", "term", "penalty", "λ·c", "mode", "opt wd", "scale-inv"]
 TOTAL_HEADER = ["term", "penalty", "mode", "λ", "tensors", "numel", "λ·Σc·R(w) now", "zero groups"]
 
 
@@ -256,11 +288,49 @@ def main(argv: Sequence[str]) -> int:
         load_weights(cli.model, ckpt_path)
     terms = regularizations(cli.trainer)
     optimizers = _optimizers(cli.model)
-    rows, totals = parameter_table(cli.model, terms, optimizers)
+    batch, steps, why = _first_batch(cli.datamodule, cli.trainer)
+    run = probe_run(cli.model, batch)
+    invariant: dict[int, bool | None] = {}
+    if run is not None:
+        params = {id(p): (name, p) for name, p in cli.model.named_parameters()}
+        try:
+            found = probe_scale_invariance(cli.model, list(params.values()), run)
+            invariant = {i: found[name] for i, (name, _) in params.items()}
+        except Exception as exc:  # noqa: BLE001 - the table is useful without the column
+            why = f"the model failed on the probe's input ({type(exc).__name__}: {exc})"
+    rows, totals = parameter_table(cli.model, terms, optimizers, invariant, steps)
     notes = decay_notes(terms, optimizers)
+    if run is None or not invariant:
+        notes.append(f"scale invariance not probed (scale-inv ?): {why}.")
     size = thinning_note(cli.model, terms)
-    render(rows, totals, sys.stdout, plain=plain, notes=[*notes, *([size] if size else [])])
+    if size:
+        notes.append(size)
+    render(rows, totals, sys.stdout, plain=plain, notes=notes)
     return 0
+
+
+def _first_batch(datamodule: Any, trainer: Any) -> tuple[Any, int | None, str]:
+    """(a training batch, optimizer steps per epoch, why there is none) from the config's
+    data module, without downloading: its files must be there already."""
+    if datamodule is None:
+        return None, None, "the config has no data module and the model no example_input_array"
+    had = getattr(datamodule, "download", None)
+    try:
+        if had is not None:
+            datamodule.download = False
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        loader = datamodule.train_dataloader()
+        batch = next(iter(loader))
+        steps = math.ceil(len(loader) / getattr(trainer, "accumulate_grad_batches", 1))
+    except Exception as exc:  # noqa: BLE001 - missing data is not an error for a dry run
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = text.split("; ")[0].split(" (looked in")[0]  # the reason, not the whole advice
+        return None, None, f"no training batch from the data module ({first})"
+    finally:
+        if had is not None:
+            datamodule.download = had
+    return batch, steps, ""
 
 
 def _optimizers(model: nn.Module) -> list[torch.optim.Optimizer]:

@@ -122,6 +122,8 @@ class MLP(Classifier):
         dropout: dropout probability after each hidden activation (0: none).
         in_features: input size after flattening (784 for 28×28 images).
         num_classes: output size.
+        bias: give the hidden Linears a bias. Without one and with a norm, their weights are
+            scale-invariant: weight decay then sets their effective learning rate.
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class MLP(Classifier):
         dropout: float = 0.0,
         in_features: int = 784,
         num_classes: int = 10,
+        bias: bool = True,
     ) -> None:
         super().__init__(num_classes)
         widths = _positive_ints(widths, "widths")
@@ -144,7 +147,7 @@ class MLP(Classifier):
         layers: list[nn.Module] = []
         n_in = in_features
         for width in widths:
-            layers.append(nn.Linear(n_in, width))
+            layers.append(nn.Linear(n_in, width, bias=bias))
             if norm == "batch":
                 layers.append(nn.BatchNorm1d(width))
             elif norm == "layer":

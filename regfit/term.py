@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,7 @@ from regfit.scaling import ScaleRule, scale_fn
 from regfit.schedules import Schedule
 from regfit.selection import ParamInfo, Selector
 from regfit.sharding import check_shardable, is_sharded, shard_sum
+from regfit.timescale import check_timescale, check_timescale_term, decay_gain, timescale_strength
 
 __all__ = ["Term", "Assignment", "Override", "OnNonFinite", "validate_strength"]
 
@@ -77,6 +78,12 @@ class Term(Bound):
     ``step`` is the number of optimizer steps taken so far, which the schedule reads: the
     Lightning callback sets it from ``trainer.global_step`` at every batch, and
     :func:`regfit.attach` counts real steps.
+
+    ``timescale`` (``{"epochs": τ}`` or ``{"steps": τ}``, with ``strength=None``) makes λ
+    the decay whose time constant is τ (:mod:`regfit.timescale`); it is resolved when the
+    term is bound to its optimizers, an epoch timescale once ``steps_per_epoch`` is set
+    (the Lightning callback sets it at train start). Until then ``strength`` is NaN and
+    the term refuses to act.
     """
 
     kind = "Term"
@@ -91,14 +98,33 @@ class Term(Bound):
     overrides: Sequence[Override] = ()
     on_nonfinite: OnNonFinite = "raise"
     step: int = 0
+    timescale: Mapping[str, float] | None = None
 
     def __setattr__(self, key: str, value: Any) -> None:
         if key == "strength":
-            value = validate_strength(value)
+            initializing = "timescale" not in vars(self)  # __post_init__ checks None then
+            if value is None and (initializing or self.timescale is not None):
+                value = math.nan  # λ comes from the timescale and is not resolved yet
+            else:
+                value = validate_strength(value)
         object.__setattr__(self, key, value)
 
     def __post_init__(self) -> None:
         self._init_binding()
+        #: optimizer steps per epoch, for a timescale in epochs (set by the Lightning callback)
+        self.steps_per_epoch: int | None = None
+        if self.timescale is not None:
+            self.timescale = check_timescale(self.timescale)
+            check_timescale_term(self.name, self.penalty, self.mode)
+            if not math.isnan(self.strength):
+                raise ValueError(
+                    f"Term {self.name!r}: give strength or timescale, not both (strength={self.strength!r}, "
+                    f"timescale={self.timescale!r}): the timescale sets λ. Drop the strength (in a config: delete "
+                    "`strength:` or write `strength: null`; on the command line --regularization.strength=null)."
+                )
+        elif math.isnan(self.strength):
+            raise ValueError(f"Term {self.name!r}: strength=None without a timescale; give strength=λ ≥ 0 "
+                             "(e.g. 1e-4) or timescale={'epochs': τ}.")
         if self.on_nonfinite not in ("raise", "skip", "off"):
             raise ValueError(f"on_nonfinite={self.on_nonfinite!r}: use 'raise', 'skip' or 'off'.")
         if isinstance(self.mode, Proximal) and type(self.penalty).prox is Penalty.prox:
@@ -135,10 +161,13 @@ class Term(Bound):
     def settings(self) -> dict[str, Any]:
         """The term's user-facing settings, in constructor order: what ``Regularization``
         prints, saves in checkpoints and compares on resume."""
-        return {"penalty": self.penalty, "strength": self.strength, "mode": self.mode,
-                "include": list(self.selector.include), "exclude": list(self.selector.exclude), "scale": self.scale,
-                "name": self.name, "schedule": self.schedule, "overrides": list(self.overrides),
-                "on_nonfinite": self.on_nonfinite}
+        settings = {"penalty": self.penalty, "strength": None if self.timescale else self.strength}
+        if self.timescale:  # λ is derived from it (absent otherwise: older checkpoints compare equal)
+            settings["timescale"] = dict(self.timescale)
+        return settings | {"mode": self.mode, "include": list(self.selector.include),
+                           "exclude": list(self.selector.exclude), "scale": self.scale, "name": self.name,
+                           "schedule": self.schedule, "overrides": list(self.overrides),
+                           "on_nonfinite": self.on_nonfinite}
 
     @property
     def oriented(self) -> bool:  # type: ignore[override]
@@ -174,6 +203,8 @@ class Term(Bound):
         if self.penalty.units:  # one bucket per unit group: its kernels see the group's tensors at once
             self.buckets, self.orphans = bucket_bundles(self.bundles, self._optimizers)
             orphans = self.orphans
+        if self.timescale is not None:  # λ from the bound groups' base lr
+            self.resolve_timescale()
         return orphans
 
     def coefficients(self, model: nn.Module, selected: list[ParamInfo]) -> list[float]:
@@ -202,10 +233,40 @@ class Term(Bound):
             coeffs.append(float(coeff) * mults.get(id(info.param), 1.0))
         return coeffs
 
+    def resolve_timescale(self) -> float | None:
+        """Set λ from the timescale (see :mod:`regfit.timescale`) for the bound param groups
+        and :attr:`steps_per_epoch`; returns it, or None while an epoch timescale waits for
+        the steps per epoch. Raises for a timescale the optimizer or groups cannot give."""
+        if self.timescale is None or not self.buckets:
+            return None
+        if "epochs" in self.timescale and self.steps_per_epoch is None:
+            return None
+        base = {b.initial_lr for b in self.buckets}
+        if len(base) > 1:
+            lrs = ", ".join(f"{b.names[0]}: {b.initial_lr:g}" for b in self.buckets)
+            raise ValueError(
+                f"Term {self.name!r}: timescale={self.timescale!r} spans param groups with different base learning "
+                f"rates ({lrs}), and one λ cannot give one timescale for both. Split the term: one Regularization "
+                "per param group (include=[...]), each with the timescale."
+            )
+        bucket = self.buckets[0]
+        optimizer = next((o for o in self._optimizers if any(g is bucket.group for g in o.param_groups)), None)
+        gain = decay_gain(optimizer, bucket.group, self.mode, bucket.initial_lr, self.name)
+        self.strength = timescale_strength(self.timescale, gain, self.steps_per_epoch, self.name)
+        return self.strength
+
     # ---- per-step work ------------------------------------------------------------------
     def strength_now(self, bucket: Bucket | None = None) -> float:
         """λ_t = λ·m(step) at the current step; :class:`~regfit.schedules.FollowLR` reads the
         lr ratio of ``bucket``'s param group (default: the first bucket's)."""
+        if math.isnan(self.strength):  # a timescale not resolved yet: never act with NaN
+            raise ValueError(
+                f"Term {self.name!r}: λ comes from timescale={self.timescale!r}, which is not resolved: "
+                + ("an epoch timescale needs the steps per epoch, which only a Lightning Trainer knows. Outside "
+                   "Lightning give timescale={'steps': epochs × steps_per_epoch}."
+                   if self.timescale and "epochs" in self.timescale else
+                   "the term is not bound to an optimizer yet.")
+            )
         if self.schedule is None:
             return self.strength
         if bucket is None and self.buckets:

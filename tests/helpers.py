@@ -181,3 +181,20 @@ def mnist_digits(mnist_source, n: int = 2000) -> tuple[torch.Tensor, torch.Tenso
     images = torch.from_numpy(read_idx(Path(mnist_source) / "t10k-images-idx3-ubyte.gz")[:n].copy())
     labels = torch.from_numpy(read_idx(Path(mnist_source) / "t10k-labels-idx1-ubyte.gz")[:n].copy()).long()
     return images.float().div_(255).unsqueeze(1), labels
+
+
+class LayerNormMLP(RegModule):
+    """784 → Linear(no bias) → LayerNorm → ReLU → Linear → 10: body.0.weight is scale-invariant."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(784, width, bias=False), nn.LayerNorm(width), nn.ReLU())
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x.flatten(1)))
+
+    def data_loss(self, batch):
+        x, y = batch
+        return F.cross_entropy(self(x), y)

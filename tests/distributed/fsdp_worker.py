@@ -7,7 +7,8 @@ optimizer (:func:`regfit.attach`: the step engine runs it from the optimizer's h
 trains on its half of each global batch; it writes
 ``<case>_rank<r>.pt`` with the gathered full parameters, the penalty value, weight norm
 and sparsity after every step, the term's (name, coefficient) list and the number of
-all-reduces the term issued while updating and while computing values. Then, with
+all-reduces the term issued while updating and while computing values, and the
+dynamics telemetry of every step (:class:`~regfit.telemetry.StepTelemetry`). Then, with
 ``--lightning``, the same through ``Trainer(strategy=ModelParallelStrategy(...))``.
 """
 
@@ -26,6 +27,7 @@ from torch.distributed.tensor import DTensor
 from regfit import Regularization, attach
 from regfit.modes import CautiousDecoupled, Coupled, Decoupled, Proximal
 from regfit.penalties import L1, L2, GroupLasso, LHalf, Penalty
+from regfit.telemetry import StepTelemetry
 from regfit.term import Term
 from tests.helpers import TinyNet, batches
 
@@ -74,11 +76,14 @@ def regularization(case: str) -> Regularization:
                           name=case)
 
 
-def train(net, reg: Regularization, opt, data, rank: int | None, counts: dict | None = None) -> list[tuple[float, float, float]]:
+def train(net, reg: Regularization, opt, data, rank: int | None, counts: dict | None = None,
+          dynamics: list | None = None) -> list[tuple[float, float, float]]:
     """STEPS steps; ``rank`` None trains on the whole batch, else on this rank's half.
-    Returns (penalty value, weight norm, sparsity) after every step."""
+    Returns (penalty value, weight norm, sparsity) after every step; appends each step's
+    telemetry to ``dynamics``."""
     hooks = attach(net, opt, reg)
     t: Term = reg.term
+    telemetry = StepTelemetry(t)
     logged = []
     for x, y in data:
         if rank is not None:
@@ -86,8 +91,14 @@ def train(net, reg: Regularization, opt, data, rank: int | None, counts: dict | 
             x, y = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
         opt.zero_grad()
         F.cross_entropy(net(x), y).backward()
+        with _counting(counts, "telemetry"):
+            telemetry.before_step()
         with _counting(counts, "update"):  # the optimizer's update and the term's, in its phases
             opt.step()
+        with _counting(counts, "telemetry"):
+            measured = telemetry.after_step()
+        if dynamics is not None:
+            dynamics.append(measured)
         with _counting(counts, "log"):
             value = float(t.value())
             norm, sparsity = t.weight_stats()
@@ -132,12 +143,12 @@ def main(out: Path) -> None:
     for case in CASES:
         net = shard(model(), mesh)
         assert all(isinstance(p, DTensor) for p in net.parameters())
-        reg, counts = regularization(case), {}
+        reg, counts, dynamics = regularization(case), {}, []
         t = reg.term
-        logged = train(net, reg, CASES[case][0](net.parameters()), batches(STEPS, BATCH), rank, counts)
+        logged = train(net, reg, CASES[case][0](net.parameters()), batches(STEPS, BATCH), rank, counts, dynamics)
         params = {n: p.full_tensor().detach().clone() for n, p in net.named_parameters()}
         local_rows = {n: p.to_local().shape[0] for n, p in net.named_parameters()}
-        torch.save({"params": params, "logged": logged, "counts": counts, "local_rows": local_rows,
+        torch.save({"params": params, "logged": logged, "counts": counts, "local_rows": local_rows, "dynamics": dynamics,
                     "names": [n for n, _ in net.named_parameters()],
                     "coeffs": [(a.name, a.coeff) for a in t.assignments]}, out / f"{case}_rank{rank}.pt")
     dist.destroy_process_group()

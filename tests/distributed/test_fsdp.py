@@ -4,7 +4,8 @@ Every case trains a float64 TinyNet sharded over 2 ranks with a regfit term atta
 torch optimizer — the step engine, cautious decay's prepare-then-apply included
 (tests/distributed/fsdp_worker.py) — and must equal one unsharded process on the same
 global batch: the gathered parameters within 1e-10, and the penalty value, weight norm
-and sparsity after every step (each rank sums its shards, one all-reduce adds them up).
+and sparsity after every step (each rank sums its shards, one all-reduce adds them up),
+and so must the dynamics telemetry (angular update, effective lr, gradient ratio).
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ def reference(case: str):
     """One process, unsharded, the whole global batch."""
     net = W.model()
     reg = W.regularization(case)
-    logged = W.train(net, reg, W.CASES[case][0](net.parameters()), batches(W.STEPS, W.BATCH), None)
-    return net, reg.term, logged
+    dynamics = []
+    logged = W.train(net, reg, W.CASES[case][0](net.parameters()), batches(W.STEPS, W.BATCH), None, dynamics=dynamics)
+    return net, reg.term, logged, dynamics
 
 
 @pytest.mark.parametrize("case", list(W.CASES))
 def test_sharded_training_equals_unsharded(case, fsdp_results):
     r0, r1 = fsdp_results(case)
-    net, t, ref_logged = reference(case)
+    net, t, ref_logged, ref_dynamics = reference(case)
     ref = dict(net.named_parameters())
     # names are the original ones, so selection and coefficients (global shapes) agree
     assert r0["names"] == r1["names"] == list(ref)
@@ -67,6 +69,13 @@ def test_sharded_training_equals_unsharded(case, fsdp_results):
     for r in (r0, r1):
         assert r["counts"].get("update", 0) == expected_updates
         assert r["counts"]["log"] == 2 * W.STEPS
+    # dynamics: summed over shards, equal to the unsharded measurement; one all-reduce
+    # before the step and two after it
+    for r in (r0, r1):
+        assert [set(d) for d in r["dynamics"]] == [set(d) for d in ref_dynamics]
+        for got, want in zip(r["dynamics"], ref_dynamics):
+            assert got == pytest.approx(want, rel=1e-8), (got, want)
+        assert r["counts"]["telemetry"] == 3 * W.STEPS
 
 
 def test_proximal_l1_and_grouplasso_make_exact_zeros_on_shards(fsdp_results):

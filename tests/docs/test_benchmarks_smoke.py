@@ -69,3 +69,12 @@ def test_thin_prints_its_table(mnist_source):
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
     assert cells[0][3] == cells[0][4] == "421,834"  # λ = 0: nothing removed
     assert cells[1][7] == "1/1/1" and cells[1][2] == cells[1][1]  # everything zero: one unit per layer stays
+
+
+def test_dynamics_overhead_prints_its_tables():
+    out = run_script("benchmarks/dynamics_overhead.py", "--quick", "--models", "mlp")
+    assert out.startswith("machine: CPU: ")
+    for heading in ("### alone: one logged step's dynamics", "### trainer: mlp in a Trainer",
+                    "| log_every_n_steps=1 ", "| log_every_n_steps=50 ", "scale-invariance probe at the first batch"):
+        assert heading in out
+    assert "| mlp " in out and "MiB" in out  # the snapshot's size

@@ -22,6 +22,7 @@ EXPECTED = {
     "02_weight_decay_vs_l2.ipynb",
     "03_sparsity_l1_lhalf.ipynb",
     "04_what_to_regularize.ipynb",
+    "05_rotational_equilibrium.ipynb",
     "06_structured_sparsity_thin.ipynb",
 }
 
@@ -90,6 +91,11 @@ def test_notebook_executes_in_smoke_mode(path: Path, mnist_dir: Path, monkeypatc
         assert re.search(r"features\.0 +32 units +makes it: features\.0\.weight, features\.0\.bias, features\.1\.weight", text)
         diffs = [float(d) for d in re.findall(r" ([\d.]+e[+-]\d+)\n", text)]
         assert diffs and max(diffs) <= 1e-5
+    if path.name == "05_rotational_equilibrium.ipynb":
+        # the metrics the notebook reads exist, and the timescale resolves exactly at both batch sizes
+        assert "scale-invariant (probe at the first batch): {'body.0.weight': True}" in text
+        assert len(re.findall(r"λ·η₀·steps_per_epoch = 1\.0000", text)) == 2
+        assert re.search(r"summary: settled SGD angle / √\(2ηλ\) = ", text)
     if path.name == "03_sparsity_l1_lhalf.ipynb":
         assert re.search(r"NaN gradient entries: [1-9]", text), "the naive penalty's NaN was not reproduced"
         assert "all weights finite: True" in text

@@ -87,6 +87,16 @@ def test_every_config_trains_and_logs_data_loss_and_penalty_separately(config, m
     assert column(rows, "val/data_loss")
 
 
+def test_a_timescale_config_resolves_lambda_from_the_run(mnist_dir, tmp_path):
+    cli = run_cli(short_fit_args(REPO / "configs" / "mnist_timescale.yaml", mnist_dir, tmp_path))
+    (reg,) = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Regularization"]
+    assert reg.timescale == {"epochs": 10.0}
+    assert reg.strength * 1e-3 * 4 == pytest.approx(1 / 10)  # λ·η₀·steps_per_epoch = 1/τ (4 batches per epoch)
+    rows = read_metrics(tmp_path)
+    assert column(rows, "train/strength/l2") == pytest.approx([reg.strength] * 4)
+    assert len(column(rows, "weights/angular_update/l2")) == len(column(rows, "weights/equilibrium_angle/l2")) == 4
+
+
 def test_command_line_overrides_reach_the_term_and_optimizer(mnist_dir, tmp_path):
     cli = run_cli(short_fit_args(L2_CONFIG, mnist_dir, tmp_path, "--regularization.strength=0.5",
                                  "--regularization.mode=decoupled", "--regularization.exclude=[bias]",
@@ -125,6 +135,34 @@ def test_groups_shows_both_terms_of_a_two_term_config(capsys):
     assert rows["fc.0.weight"][3] == "l2" and rows["fc.0.bias"][4] == "excluded"
 
 
+def test_groups_shows_a_timescale_and_the_lambda_it_gives(capsys):
+    adamw = str(REPO / "configs" / "mnist_adamw_decoupled.yaml")  # Adam, lr 0.001, decoupled L2
+    assert main(["groups", "--plain", "--config", adamw, "--regularization.strength=null",
+                 "--regularization.timescale.steps=2000"]) == 0
+    out = capsys.readouterr().out
+    assert "0.5 (τ=2000 steps)" in out  # λ = 1/(η₀·τ) = 1/(0.001·2000)
+    assert next(ln for ln in out.splitlines() if ln.startswith("body.0.weight")).split()[5] == "0.5"
+    # in epochs, without the data on disk: the steps per epoch are unknown, so is λ
+    assert main(["groups", "--plain", "--config", adamw, "--data.data_dir=nowhere", "--regularization.strength=null",
+                 "--regularization.timescale.epochs=5"]) == 0
+    out = capsys.readouterr().out
+    assert "τ=5 epochs" in out and next(ln for ln in out.splitlines() if ln.startswith("body.0.weight")).split()[5] == "-"
+
+
+def test_groups_says_which_tensors_are_scale_invariant(mnist_dir, capsys):
+    argv = ["groups", "--plain", "--config", L2_CONFIG, "--model=tests.helpers.LayerNormMLP", "--regularization.exclude=[]"]
+    assert main([*argv, "--data.data_dir", str(mnist_dir)]) == 0  # probed on one training batch
+    out = capsys.readouterr().out
+    cells = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.startswith(("body.", "head."))}
+    assert cells["body.0.weight"][-1] == "yes"  # Linear without bias → LayerNorm
+    assert cells["head.weight"][-1] == "no" and cells["body.1.weight"][-1] == "no"
+    assert "not probed" not in out
+    assert main([*argv, "--data.data_dir=nowhere"]) == 0  # no data on disk: not probed, and nothing downloaded
+    out = capsys.readouterr().out
+    assert {ln.split()[-1] for ln in out.splitlines() if ln.startswith("body.0.weight")} == {"?"}
+    assert "scale invariance not probed" in out and "MNIST data not found" in out
+
+
 def test_console_script_groups_runs_as_a_subprocess(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([sys.executable, "-c", "import sys; from regfit.cli import main; sys.exit(main())",
@@ -158,6 +196,11 @@ BAD_OVERRIDES = {
     "list-without-brackets": (["--regularization.exclude=bias"], ["takes a list", "write --regularization.exclude=[bias]"]),
     "model-list-without-brackets": (["--model.init_args.widths=512"], ["write --model.init_args.widths=[512]"]),
     "unknown-option": (["--trainer.epochs=3"], ["--trainer.epochs=3"]),
+    "strength-and-timescale": (["--regularization.timescale.epochs=5"], ["not both", "strength: null"]),
+    "timescale-of-l1": (["--regularization.penalty=l1", "--regularization.strength=null",
+                         "--regularization.timescale.epochs=5"], ["timescale", "L1 does not shrink w"]),
+    "timescale-in-weeks": (["--regularization.strength=null", "--regularization.timescale.weeks=5"],
+                           ["{'weeks': 5.0}", "{'epochs': τ}"]),
     "duplicate-term-names": (
         ['--trainer.callbacks=[{class_path: regfit.Regularization, init_args: {penalty: l2}}]'],
         ["named 'l2'", "distinct `name`"],

@@ -248,3 +248,21 @@ def test_trial_argv_needs_a_regfit_fit_command(command):
     spec = parse_sweep(sweep(command=command))
     with pytest.raises(SweepSpecError, match=r"must be `\[\$\{env\}, regfit, fit, --config"):
         trial_argv(spec, {"regularization.strength": 1e-4})
+
+
+def test_a_timescale_sweep_reaches_the_term(monkeypatch, tmp_path):
+    """`regularization.timescale.epochs` in a sweep file: the agent's --name=value sets the term's timescale."""
+    from regfit.lightning_cli import run_cli
+    from regfit.regularization import regularizations
+
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    spec = load_sweep(REPO_ROOT / "configs/sweeps/mnist_timescale_grid.yaml")
+    assert [p.name for p in spec.swept] == ["regularization.timescale.epochs", "data.init_args.batch_size"]
+    argv = trial_argv(spec, {"regularization.timescale.epochs": 3, "data.init_args.batch_size": 256})
+    assert argv[:3] == ["fit", "--config", "configs/mnist_timescale.yaml"]
+    assert "--regularization.timescale.epochs=3" in argv
+    cli = run_cli([*argv[1:], f"--trainer.logger.init_args.save_dir={tmp_path}"], run=False)
+    (reg,) = regularizations(cli.trainer)
+    assert reg.timescale == {"epochs": 3.0} and math.isnan(reg.strength)  # λ: at train start
+    assert cli.datamodule.batch_size == 256
