@@ -179,6 +179,8 @@ def stability_problem(term: Term) -> str | None:
     coupled ``L2`` on plain SGD with η·λ·c > 2(1 + momentum) (w ← w(1 − η·λ·c) grows
     geometrically), or a coupled gradient λ·c·w whose square overflows the weights' dtype
     in Adam's second moment (the weights stop moving)."""
+    if math.isnan(term.strength):  # a timescale resolved later: checked once it is
+        return None
     strength = term.strength_now()
     for bucket in term.buckets:
         lam = strength * bucket.coeff

@@ -32,6 +32,7 @@ Hugging Face ``Trainer`` makes its optimizer itself; attach to it once it exists
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -151,6 +152,8 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *regularizations:
         b.assign(model)
         for warning in bind_checked(b, [optimizer]):
             log.warning(warning)
+        if isinstance(b, Term) and math.isnan(b.strength):  # an epoch timescale: no Trainer counts the steps
+            b.strength_now()  # raises, naming the fix
     hooks = Hooks(model, optimizer, bound)
     engine = StepEngine.of(optimizer)
     engine.count_steps = True

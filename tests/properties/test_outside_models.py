@@ -21,9 +21,6 @@ from regfit.selection import Selector
 from tests.helpers import fit, max_param_diff
 from tests.outside_models import OUTSIDE, hf_decay_names, tensors, torch_decay_names
 
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
-
 STEPS, LR, LAM = 20, 1e-2, 0.1
 MODELS = sorted(OUTSIDE)
 

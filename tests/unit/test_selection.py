@@ -1,17 +1,17 @@
+"""Selection: include/exclude rules over a model's tensors — keywords, globs, types, last
+layer, tied weights and the layouts of other libraries' layers."""
+
 from __future__ import annotations
 
 import logging
-import math
 
 import pytest
 import torch
 from torch import nn
 
-from regfit.scaling import fan_scale, numel_scale, scale_fn
+from regfit.modes import Proximal
 from regfit.selection import SelectionError, Selector, last_layer
-from regfit.term import Term, validate_strength
-from regfit.modes import Coupled, Proximal, resolve_mode
-from regfit.penalties import L2, Penalty
+from regfit.term import Term
 
 
 class Model(nn.Module):
@@ -106,76 +106,6 @@ def test_selection_has_no_side_effects():
     before = {n: p.requires_grad for n, p in m.named_parameters()}
     Selector(exclude=["bias"]).select(m)
     assert before == {n: p.requires_grad for n, p in m.named_parameters()}
-
-
-def test_scale_values_on_known_shapes():
-    assert numel_scale("w", torch.empty(10, 20)) == 1 / 200
-    assert fan_scale("w", torch.empty(10, 20)) == pytest.approx((20 + 10) / (20 * 10))  # Linear(20→10)
-    # Conv2d(3→8, 5×5): fan_in = 3·25, fan_out = 8·25, as torch.nn.init computes them
-    assert fan_scale("w", torch.empty(8, 3, 5, 5)) == pytest.approx((75 + 200) / (75 * 200))
-    assert fan_scale("b", torch.empty(10)) == pytest.approx(2 / 10)
-    assert scale_fn(lambda n, p: 3.0)("x", torch.empty(1)) == 3.0
-    with pytest.raises(ValueError, match="Unknown scale 'fann'"):
-        scale_fn("fann")
-
-
-@pytest.mark.parametrize("scale, match", [
-    (math.sqrt, r"scale='sqrt' must take two arguments, f\(name, param\)"),
-    (lambda p: 1.0, r"must take two arguments"),
-    (["fan"], r"Unknown scale \['fan'\]"),
-    (lambda n, p: None, r"scale gave c=None for temperature; it must return a finite number ≥ 0"),
-    (lambda n, p: "0.5", r"scale gave c='0.5'"),
-    (lambda n, p: True, r"scale gave c=True"),
-    (lambda n, p: float("nan"), r"scale gave c=nan"),
-    (lambda n, p: torch.ones(2), r"scale gave c=tensor"),
-])
-def test_a_wrong_scale_names_itself_and_the_parameter(scale, match):
-    with pytest.raises(ValueError, match=match):
-        Term(L2(), 0.1, Selector(), scale, Coupled(), "l2").assign(Model())
-
-
-def test_a_scale_may_return_a_numpy_number_or_a_one_element_tensor():
-    import numpy as np
-
-    for scale in (lambda n, p: np.float64(0.5), lambda n, p: torch.tensor(0.5)):
-        coeffs = {a.coeff for a in Term(L2(), 0.1, Selector(), scale, Coupled(), "l2").assign(Model())}
-        assert coeffs == {0.5} and all(type(a.coeff) is float for a in Term(L2(), 0.1, Selector(), scale, Coupled(), "l2").assign(Model()))
-
-
-def test_a_term_or_constraint_that_selects_nothing_is_an_error(caplog):
-    # Each keyword may legitimately match nothing (one config, several models) — but together
-    # they leave the term without a parameter, so λ would silently do nothing.
-    term = Term(L2(), 0.1, Selector(include=["norm"], exclude=["bias"]), "none", Coupled(), "l2")
-    bare = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-    with pytest.raises(SelectionError, match=r"Term 'l2': include=\['norm'\], exclude=\['bias'\] select no trainable"):
-        term.assign(bare)
-    from regfit.constrain import Constrain
-    from regfit.constraints import MaxNorm
-
-    with pytest.raises(SelectionError, match=r"Constraint 'maxnorm'.*select no trainable parameter"):
-        Constrain(MaxNorm(), include=["norm"]).select(bare)
-
-
-def test_term_validation():
-    for bad in (-1.0, float("nan"), float("inf"), "abc"):
-        with pytest.raises(ValueError, match="strength"):
-            validate_strength(bad)
-
-    class ValueOnly(Penalty):
-        def value(self, w):
-            return w.pow(4).sum()
-
-    with pytest.raises(ValueError, match="defines no prox"):
-        Term(ValueOnly(), 0.1, Selector(), "none", Proximal(), "v4")
-    Term(ValueOnly(), 0.1, Selector(), "none", Coupled(), "v4")
-    with pytest.raises(ValueError, match="Unknown mode 'coupeld'"):
-        resolve_mode("coupeld")
-
-
-def test_term_assignments_carry_coefficients():
-    term = Term(L2(), 1e-3, Selector(include=["body.*"], exclude=["norm"]), "numel", Coupled(), "l2")
-    got = {a.name: a.coeff for a in term.assign(Model())}
-    assert got == {"body.0.weight": 1 / 32, "body.0.bias": 1 / 8, "body.2.weight": 1 / 64, "body.2.bias": 1 / 8}
 
 
 # ---- real models: tied weights, structural keywords, stored layouts -------------------------

@@ -1,4 +1,5 @@
-"""Per-selector strength overrides and depth-wise λ: coefficients, training effect, YAML."""
+"""Terms: validation, assignments and their coefficients, per-selector strength overrides
+(coefficients, training effect, YAML)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 from jsonargparse import ArgumentParser
+from torch import nn
 
 from regfit import Regularization
 from regfit.constrain import Constrain
-from regfit.penalties import L2
+from regfit.modes import Coupled, Proximal, resolve_mode
+from regfit.penalties import L2, Penalty
 from regfit.scaling import DepthDecay, fan_scale
 from regfit.schedules import Cosine
-from regfit.selection import SelectionError
-from regfit.term import Override
+from regfit.selection import SelectionError, Selector
+from regfit.term import Override, Term, validate_strength
 from tests.helpers import TinyNet, batches, fit, max_param_diff, reference_loop
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "mnist_schedule_constraints.yaml"
@@ -56,36 +59,6 @@ def test_override_equals_its_weighted_penalty_in_the_loss():
 
     reference_loop(ref, torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9), data, extra_loss=extra)
     assert max_param_diff(model, ref) <= 1e-12
-
-
-def test_depth_decay_counts_parametrized_modules_or_name_prefixes():
-    model = TinyNet()  # body.0 Linear, body.2 LayerNorm, body.3 Linear, head: 4 blocks
-    by_layer = coeffs(Regularization(L2(), scale=DepthDecay(0.5)), model)
-    assert by_layer == pytest.approx({
-        "body.0.weight": 0.125, "body.0.bias": 0.125, "body.2.weight": 0.25, "body.2.bias": 0.25,
-        "body.3.weight": 0.5, "body.3.bias": 0.5, "head.weight": 1.0, "head.bias": 1.0})
-    by_top = coeffs(Regularization(L2(), scale=DepthDecay(0.5, level=1)), model)
-    assert {n: by_top[n] for n in ("body.0.weight", "body.3.bias", "head.weight")} == {
-        "body.0.weight": 0.5, "body.3.bias": 0.5, "head.weight": 1.0}
-    # excluded parameters still count as blocks; a base rule is multiplied in
-    fan = coeffs(Regularization(L2(), scale=DepthDecay(0.5, base="fan"), exclude=["last_layer", "norm"]), model)
-    assert fan["body.3.weight"] == pytest.approx(0.5 * fan_scale("", model.body[3].weight))
-    assert "head.weight" not in fan
-
-
-def test_depth_decay_is_overridable_by_subclassing():
-    class ByStage(DepthDecay):
-        def block_of(self, name):
-            return "head" if name.startswith("head") else "body"
-
-    c = coeffs(Regularization(L2(), scale=ByStage(0.1)), TinyNet())
-    assert c["body.2.weight"] == pytest.approx(0.1) and c["head.bias"] == 1.0
-
-
-@pytest.mark.parametrize("kw, match", [({"decay": 0.0}, "decay"), ({"level": 0}, "level"), ({"base": "fans"}, "Unknown scale")])
-def test_bad_depth_decay_arguments(kw, match):
-    with pytest.raises(ValueError, match=match):
-        DepthDecay(**kw)
 
 
 def test_config_builds_schedule_override_depth_decay_and_constraint():
@@ -162,3 +135,41 @@ def test_unit_group_lasso_refuses_cautious_and_split_param_groups():
     opt = torch.optim.SGD([{"params": weights}, {"params": others, "lr": 0.01}], lr=0.1)
     with pytest.raises(ValueError, match=r"unit group of stem.0 spans 2 optimizer param groups.*one param group"):
         attach(model, opt, Regularization(GroupLasso(units=True), mode="proximal", exclude=["last_layer"]))
+
+
+def test_a_term_or_constraint_that_selects_nothing_is_an_error(caplog):
+    # Each keyword may legitimately match nothing (one config, several models) — but together
+    # they leave the term without a parameter, so λ would silently do nothing.
+    term = Term(L2(), 0.1, Selector(include=["norm"], exclude=["bias"]), "none", Coupled(), "l2")
+    bare = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    with pytest.raises(SelectionError, match=r"Term 'l2': include=\['norm'\], exclude=\['bias'\] select no trainable"):
+        term.assign(bare)
+    from regfit.constrain import Constrain
+    from regfit.constraints import MaxNorm
+
+    with pytest.raises(SelectionError, match=r"Constraint 'maxnorm'.*select no trainable parameter"):
+        Constrain(MaxNorm(), include=["norm"]).select(bare)
+
+
+def test_term_validation():
+    for bad in (-1.0, float("nan"), float("inf"), "abc"):
+        with pytest.raises(ValueError, match="strength"):
+            validate_strength(bad)
+
+    class ValueOnly(Penalty):
+        def value(self, w):
+            return w.pow(4).sum()
+
+    with pytest.raises(ValueError, match="defines no prox"):
+        Term(ValueOnly(), 0.1, Selector(), "none", Proximal(), "v4")
+    Term(ValueOnly(), 0.1, Selector(), "none", Coupled(), "v4")
+    with pytest.raises(ValueError, match="Unknown mode 'coupeld'"):
+        resolve_mode("coupeld")
+
+
+def test_term_assignments_carry_coefficients():
+    term = Term(L2(), 1e-3, Selector(include=["body.*"], exclude=["norm"]), "numel", Coupled(), "l2")
+    model = nn.Module()
+    model.body = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 8))
+    got = {a.name: a.coeff for a in term.assign(model)}
+    assert got == {"body.0.weight": 1 / 32, "body.0.bias": 1 / 8, "body.2.weight": 1 / 64, "body.2.bias": 1 / 8}
