@@ -264,10 +264,8 @@ the model's size after `regfit thin`.
 
 def main(argv: Sequence[str]) -> int:
     """``regfit groups`` entry point; errors propagate to :func:`regfit.cli.main`."""
-    from regfit.checkpointing import load_weights, read_checkpoint
-    from regfit.configfile import check_config_files
     from regfit.errors import check_config_given, take_option
-    from regfit.lightning_cli import run_cli
+    from regfit.lightning_cli import build_from_config
     from regfit.regularization import regularizations
 
     args = list(argv)
@@ -280,12 +278,7 @@ def main(argv: Sequence[str]) -> int:
     args = [a for a in args if a != "--plain"]
     ckpt_path, args = take_option(args, "--ckpt_path")
     check_config_given("groups", args)
-    if ckpt_path is not None:
-        read_checkpoint(ckpt_path)  # before building anything: a bad file is named at once
-    check_config_files(args)
-    cli = run_cli(args, run=False)
-    if ckpt_path is not None:
-        load_weights(cli.model, ckpt_path)
+    cli = build_from_config(args, ckpt_path)
     terms = regularizations(cli.trainer)
     optimizers = _optimizers(cli.model)
     batch, steps, why = _first_batch(cli.datamodule, cli.trainer)

@@ -31,11 +31,13 @@ from regfit.checkpointing import (
     CheckpointError,
     SafeCheckpoints,
     check_writable,
+    load_weights,
     model_overrides,
     read_checkpoint,
     refuse_model_changes,
     use_atomic_checkpoints,
 )
+from regfit.configfile import check_config_files
 from regfit.errors import UsageError, config_files
 from regfit.interrupts import Interrupted
 from regfit.module import RegModule
@@ -373,3 +375,16 @@ def run_cli(args: Sequence[str], run: bool = True, **kwargs: Any) -> RegfitCLI:
     # Lightning's "args and sys.argv both given" warning does not apply.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     return RegfitCLI(args=list(args), run=run, **kwargs)
+
+
+def build_from_config(args: Sequence[str], ckpt_path: str | None = None) -> RegfitCLI:
+    """The model, data module and trainer the config in ``args`` describes, built but not run,
+    with the weights of ``ckpt_path`` when given (``regfit groups``, ``regfit thin``). A bad
+    checkpoint or config file is named before anything is built."""
+    if ckpt_path is not None:
+        read_checkpoint(ckpt_path)
+    check_config_files(args)
+    cli = run_cli(args, run=False)
+    if ckpt_path is not None:
+        load_weights(cli.model, ckpt_path)
+    return cli

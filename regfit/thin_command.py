@@ -44,11 +44,9 @@ GroupLasso(units=True) term to get such units (configs/mnist_cnn_thin.yaml).
 
 def main(argv: Sequence[str]) -> int:
     """``regfit thin`` entry point; errors propagate to :func:`regfit.cli.main`."""
-    from regfit.checkpointing import load_weights, read_checkpoint
-    from regfit.configfile import check_config_files
     from regfit.errors import UsageError, check_config_given, check_output_file, take_option
     from regfit.export import thinning
-    from regfit.lightning_cli import run_cli
+    from regfit.lightning_cli import build_from_config
 
     args = list(argv)
     if any(a in ("-h", "--help") for a in args):
@@ -66,10 +64,7 @@ def main(argv: Sequence[str]) -> int:
         raise UsageError(f"`regfit thin` needs {missing}: `regfit thin --config FILE --ckpt_path last.ckpt "
                          "--out model.pt`.")
     check_output_file(out)
-    read_checkpoint(ckpt_path)  # before building anything: a bad file is named at once
-    check_config_files(args)
-    cli = run_cli(args, run=False)
-    load_weights(cli.model, ckpt_path)
+    cli = build_from_config(args, ckpt_path)
     try:
         result = thinning(cli.model, ignore=ignore)
     except ImportError as exc:  # the export extra is missing: the message names it
