@@ -238,16 +238,27 @@ class DecayReport:
         return bool(self.doubled or self.excluded)
 
     def message(self, optimizer: str = "the optimizer") -> str:
+        """The warning, for the optimizer class(es) named ``optimizer``: AdamW's weight decay
+        is decoupled, every other torch optimizer's adds λ·w to the gradient (coupled L2)."""
+        decoupled = "AdamW" in optimizer
         parts = []
         for wd, names in self.doubled.items():
-            parts.append(f"weight_decay={wd:g} also decays the {len(names)} tensors this term regularizes "
-                         f"({_few(names)}): they are decayed twice")
+            parts.append(f"weight_decay={wd:g} also decays the {_count(names)} this term regularizes "
+                         f"({_few(names)}): they are {'decayed' if decoupled else 'regularized'} twice")
         for wd, names in self.excluded.items():
-            parts.append(f"weight_decay={wd:g} decays {len(names)} tensors this term excludes ({_few(names)}): "
+            parts.append(f"weight_decay={wd:g} decays {_count(names)} this term excludes ({_few(names)}): "
                          "excluding them here does not stop it")
+        wd = next(iter({**self.doubled, **self.excluded}))
+        same = (f"Regularization('l2', mode='decoupled', strength={wd:g}, exclude=['bias', 'norm']) is AdamW's "
+                "(torch.optim.AdamW defaults to weight_decay=0.01)" if decoupled else
+                f"Regularization('l2', mode='coupled', strength={wd:g}, exclude=['bias', 'norm']) is "
+                f"{optimizer}'s weight_decay={wd:g}")
         return (f"Term {self.term!r}: {optimizer}'s own " + "; its ".join(parts) + ". Set weight_decay=0 in the "
-                "optimizer (torch.optim.AdamW defaults to 0.01) and let regfit's terms do the decay, e.g. "
-                "Regularization('l2', mode='decoupled', strength=0.01, exclude=['bias', 'norm']) for AdamW's.")
+                f"optimizer and let regfit's terms do the decay: {same}, on the tensors you choose.")
+
+
+def _count(names: Sequence[str]) -> str:
+    return f"{len(names)} tensor{'' if len(names) == 1 else 's'}"
 
 
 def _few(names: Sequence[str], n: int = 3) -> str:

@@ -134,6 +134,16 @@ class StepEngine:
             engine = _ENGINES[optimizer] = cls(optimizer)
         return engine
 
+    @staticmethod
+    def existing(optimizer: torch.optim.Optimizer) -> StepEngine | None:
+        """The optimizer's engine if it has one (nothing is made)."""
+        return _ENGINES.get(optimizer)
+
+    @staticmethod
+    def holding(member: Bound) -> StepEngine | None:
+        """The engine that runs ``member`` now, if any."""
+        return next((e for e in list(_ENGINES.values()) if member in e.members), None)
+
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
         return self._optimizer()

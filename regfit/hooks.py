@@ -147,6 +147,7 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *regularizations:
                          f"{type(optimizer).__name__}.")
     refuse_closure_optimizers(optimizer)
     check_distinct_names(list(regularizations))
+    _refuse_attached_twice(optimizer, regularizations)
     bound = [r.bound for r in regularizations]
     for b in bound:
         b.assign(model)
@@ -162,3 +163,26 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, *regularizations:
         engine.add(b)
     hooks._engine = engine
     return hooks
+
+
+def _refuse_attached_twice(optimizer: torch.optim.Optimizer, regularizations: tuple[Any, ...]) -> None:
+    """A term attached twice would act twice per step (a notebook cell run again): refuse
+    a Regularization that is attached already, and a second term of the same name on
+    one optimizer."""
+    engine = StepEngine.existing(optimizer)
+    taken = {m.name: m for m in engine.members} if engine is not None else {}
+    for r in regularizations:
+        holder = StepEngine.holding(r.bound)
+        if holder is not None:
+            where = "this optimizer" if holder is engine else f"another optimizer ({type(holder.optimizer).__name__})"
+            raise ValueError(
+                f"{r.kind} {r.name!r} is attached to {where} already, and attaching it again would make it act twice "
+                "per step. Call .remove() on the Hooks that attach() returned first (or keep using them)."
+            )
+        if r.name in taken:
+            raise ValueError(
+                f"{r.kind} {r.name!r}: a {taken[r.name].kind.lower()} of that name is attached to this "
+                f"{type(optimizer).__name__} already; both would act in every step. Call .remove() on the Hooks that "
+                f"attach() returned before attaching again (a notebook cell run twice), or give the new one another "
+                f"name=."
+            )

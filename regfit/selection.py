@@ -339,8 +339,12 @@ def _no_match(field: str, spec: str, infos: Iterable[ParamInfo], model: nn.Modul
     names = [n for i in infos for n in i.names]
     if spec in KEYWORDS:
         # A keyword names a category that may legitimately be empty (an MLP without norm
-        # layers), so one config can serve several models: say so, but do not fail.
-        log.warning("%s keyword %r matches no parameter of %s.", field, spec, type(model).__name__)
+        # layers, the frozen base of a LoRA model), so one config can serve several models:
+        # say so, but do not fail.
+        frozen = [i.name for i in named_parameters_with_modules(model, trainable=False) if matches(KEYWORDS[spec], i)]
+        why = (f"; {len(frozen)} frozen tensors match it ({', '.join(frozen[:3])}{' …' if len(frozen) > 3 else ''}) "
+               "and are left alone while frozen" if frozen else "")
+        log.warning("%s keyword %r matches no trainable parameter of %s%s.", field, spec, type(model).__name__, why)
         return
     close = difflib.get_close_matches(spec, names, n=5, cutoff=0.4)
     if not close and spec.startswith("type:"):
@@ -349,5 +353,5 @@ def _no_match(field: str, spec: str, infos: Iterable[ParamInfo], model: nn.Modul
     raise SelectionError(
         f"{field} rule {spec!r} matches no trainable parameter of {type(model).__name__}. "
         f"{'Close names' if close else 'Some names'}: {', '.join(shown)}. Keywords: {', '.join(KEYWORDS)}. "
-        "Run `regfit groups --config …` to list every parameter."
+        "List them with `regfit groups --config …`, or in Python with [n for n, _ in model.named_parameters()]."
     )

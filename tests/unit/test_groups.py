@@ -48,7 +48,7 @@ def test_the_optimizers_own_weight_decay_is_a_column_and_a_note():
                                                     "ln.weight": 0.0, "ln.bias": 0.0}
     (note,) = decay_notes(terms, [opt])
     assert "AdamW's own weight_decay=0.01 also decays the 2 tensors this term regularizes" in note
-    assert "decays 1 tensors this term excludes (body.bias)" in note
+    assert "decays 1 tensor this term excludes (body.bias)" in note
     out = io.StringIO()
     render(rows, totals, out, plain=True, notes=[note])
     text = out.getvalue()

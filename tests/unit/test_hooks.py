@@ -230,3 +230,36 @@ def test_the_optimizers_own_weight_decay_is_reported(caplog):
     text = " ".join(r.message for r in caplog.records)
     assert "AdamW's own weight_decay=0.01 also decays the 3 tensors this term regularizes" in text
     assert "decays 5 tensors this term excludes (body.0.bias" in text and "weight_decay=0" in text
+
+
+def test_adams_own_weight_decay_is_named_as_coupled_l2(caplog):
+    model = TinyNet()
+    with caplog.at_level(logging.WARNING):
+        attach(model, torch.optim.Adam(model.parameters(), weight_decay=0.1), Regularization(L2(), exclude=["bias", "norm"])).remove()
+    text = " ".join(r.message for r in caplog.records)
+    assert "Adam's own weight_decay=0.1 also decays the 3 tensors this term regularizes" in text
+    assert "regularized twice" in text and "Regularization('l2', mode='coupled', strength=0.1" in text
+    assert "AdamW" not in text
+
+
+def test_attaching_again_is_refused_and_the_decay_acts_once():
+    """A notebook cell run twice: the second attach must not make the term act twice per step."""
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    reg = Regularization(L2(), strength=0.5, mode="decoupled", include=["head.weight"])
+    hooks = attach(model, opt, reg)
+    with pytest.raises(ValueError, match=r"Term 'l2' is attached to this optimizer already.*\.remove\(\)"):
+        attach(model, opt, reg)
+    with pytest.raises(ValueError, match=r"a term of that name is attached to this SGD already.*name="):
+        attach(model, opt, Regularization(L2(), strength=0.5, mode="decoupled", include=["head.weight"]))
+    with pytest.raises(ValueError, match=r"attached to another optimizer \(SGD\) already"):
+        attach(model, torch.optim.SGD(model.parameters(), lr=0.1), reg)
+    w0 = model.head.weight.detach().clone()
+    model.head.weight.grad = None
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.allclose(model.head.weight, w0 * (1 - 0.1 * 0.5), rtol=0, atol=1e-15)  # once: (1 − ηλ)
+    hooks.remove()
+    attach(model, opt, reg).remove()  # after remove() it attaches again
+    attach(model, opt, Regularization(L2(), include=["head.weight"])).remove()

@@ -98,7 +98,7 @@ def test_keyword_matching_nothing_only_warns(caplog):
     with caplog.at_level(logging.WARNING):
         got = names(Selector(exclude=["norm"]), mlp)
     assert len(got) == 4
-    assert "matches no parameter" in caplog.text
+    assert "matches no trainable parameter of Sequential." in caplog.text
 
 
 def test_selection_has_no_side_effects():
@@ -202,3 +202,14 @@ def test_hf_conv1d_is_linear_and_row_penalties_see_its_output_units_first():
     term.apply()
     zero_units = (model[0].weight == 0).all(dim=0)
     assert zero_units.tolist() == [False, False, True, False, False, False]
+
+
+def test_a_keyword_that_matches_only_frozen_tensors_says_so(caplog):
+    """The frozen base of a LoRA model: its norms exist, they are just not trainable."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 1))
+    for p in [*model[0].parameters(), *model[1].parameters()]:
+        p.requires_grad_(False)
+    with caplog.at_level(logging.WARNING):
+        got = names(Selector(exclude=["norm"]), model)
+    assert got == ["2.weight", "2.bias"]
+    assert "'norm' matches no trainable parameter of Sequential; 2 frozen tensors match it (1.weight, 1.bias)" in caplog.text
