@@ -122,3 +122,38 @@ def check(ratio: float, op: str, target: float, q1: float | None = None, q3: flo
     else:
         verdict = "MISSED"
     return f"{op} {target:g}: {verdict}"
+
+
+class Repeat:
+    """The same batch ``n`` times, as a loader (a Trainer's ``train_dataloaders``)."""
+
+    def __init__(self, batch, n: int) -> None:
+        self.batch, self.n = batch, n
+
+    def __iter__(self):
+        return iter([self.batch] * self.n)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def step_clock(sync: Callable[[], None]):
+    """A Lightning callback that stamps the time (after ``sync``) at each training batch's
+    start, into ``.stamps``: a Trainer's mean step time is their spread ÷ their count − 1."""
+    from lightning.pytorch.callbacks import Callback
+
+    class StepClock(Callback):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+
+        def on_train_batch_start(self, *args) -> None:
+            sync()
+            self.stamps.append(time.perf_counter())
+
+    return StepClock()
+
+
+def mean_step(clock, skip: int) -> float:
+    """The mean time per step after the first ``skip`` steps."""
+    stamps = clock.stamps[skip:]
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from _common import bench_parser, interleaved, ratio_stats, start, table, time_per_call
+from _common import Repeat, bench_parser, interleaved, mean_step, ratio_stats, start, step_clock, table, time_per_call
 from torch import nn
 
 from regfit import RegModule, Regularization
@@ -123,26 +123,7 @@ def bench_alone(args, device, sync) -> None:
 # ---- 2. in a Trainer ---------------------------------------------------------------------------
 def bench_trainer(args, device, sync) -> None:
     import lightning as L
-    from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.loggers import CSVLogger
-
-    class Clock(Callback):
-        def __init__(self):
-            self.stamps = []
-
-        def on_train_batch_start(self, *_):
-            sync()
-            self.stamps.append(time.perf_counter())
-
-    class Repeat:
-        def __init__(self, batch, n):
-            self.batch, self.n = batch, n
-
-        def __iter__(self):
-            return iter([self.batch] * self.n)
-
-        def __len__(self):
-            return self.n
 
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -155,15 +136,14 @@ def bench_trainer(args, device, sync) -> None:
         probes: list[float] = []
 
         def run(every: int, dynamics: bool) -> float:
-            clock = Clock()
+            clock = step_clock(sync)
             reg = Regularization("l2", strength=LAM, dynamics=dynamics)
             trainer = L.Trainer(max_steps=n, logger=CSVLogger(tmp, name=name), log_every_n_steps=every,
                                 callbacks=[reg, clock], enable_checkpointing=False, enable_progress_bar=False,
                                 enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                                 accelerator=device.type, devices=1)
             trainer.fit(Net(name), Repeat(data, n))
-            stamps = clock.stamps[skip:]
-            return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+            return mean_step(clock, skip)
 
         setups = {f"every_{every}_{'on' if on else 'off'}": (lambda every=every, on=on: run(every, on))
                   for every in (1, 50) for on in (True, False)}

@@ -32,7 +32,18 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from _common import bench_parser, check, interleaved, ratio_stats, start, table, time_per_call
+from _common import (
+    Repeat,
+    bench_parser,
+    check,
+    interleaved,
+    mean_step,
+    ratio_stats,
+    start,
+    step_clock,
+    table,
+    time_per_call,
+)
 
 import torch
 import torch.nn.functional as F
@@ -325,7 +336,6 @@ def bench_memory(args, device) -> None:
 # ---- the callback inside Lightning ----------------------------------------------------------
 def bench_lightning(args, device, sync) -> None:
     import lightning as L
-    from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.loggers import CSVLogger
 
     from regfit import Regularization
@@ -348,26 +358,6 @@ def bench_lightning(args, device, sync) -> None:
         def on_train_batch_end(self, *args):  # no weight statistics
             pass
 
-    class StepClock(Callback):
-        def __init__(self):
-            self.stamps = []
-
-        def on_train_batch_start(self, *args):
-            sync()
-            self.stamps.append(time.perf_counter())
-
-    class Repeat:
-        """The same batch ``n`` times, as a loader."""
-
-        def __init__(self, batch, n):
-            self.batch, self.n = batch, n
-
-        def __iter__(self):
-            return iter([self.batch] * self.n)
-
-        def __len__(self):
-            return self.n
-
     x = torch.randn(args.batch, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
     skip = 2
@@ -382,15 +372,14 @@ def bench_lightning(args, device, sync) -> None:
 
     def run(name):
         make_model, make_callbacks, every = setups[name]
-        clock = StepClock()
+        clock = step_clock(sync)
         trainer = L.Trainer(
             max_steps=n, logger=CSVLogger(tmp, name=name), log_every_n_steps=every, callbacks=[*make_callbacks(), clock],
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
             limit_val_batches=0, accelerator=device.type, devices=1,
         )
         trainer.fit(make_model(), Repeat((x, y), n))
-        stamps = clock.stamps[skip:]
-        return (stamps[-1] - stamps[0]) / (len(stamps) - 1)  # mean: logging steps included
+        return mean_step(clock, skip)  # logging steps included
 
     import logging
 
