@@ -138,15 +138,19 @@ def apply_guarded(term: Term, group_ids: set[int] | None, on_nonfinite: OnNonFin
         _diverged(term, before, on_nonfinite)
 
 
+def _weights_diverged(term: Term, on_nonfinite: OnNonFinite) -> bool:
+    """Report the term's tensors that hold NaN/inf, if any (True then)."""
+    bad = [a.name for a in term.assignments if not torch.isfinite(local(a.param)).all()]
+    if bad:
+        _diverged(term, bad, on_nonfinite)
+    return bool(bad)
+
+
 def check_weights(term: Term, norm: Tensor, on_nonfinite: OnNonFinite | None = None) -> None:
     """On a logging step: report weights that are already non-finite. ``norm`` is the
     term's weight norm, computed for logging anyway."""
     on_nonfinite = term.on_nonfinite if on_nonfinite is None else on_nonfinite
-    if on_nonfinite == "off" or bool(torch.isfinite(norm)):
-        return
-    bad = [a.name for a in term.assignments if not torch.isfinite(local(a.param)).all()]
-    if bad:
-        _diverged(term, bad, on_nonfinite)
+    if on_nonfinite == "off" or bool(torch.isfinite(norm)) or _weights_diverged(term, on_nonfinite):
         return
     # Every entry is finite but the norm overflowed: the weights are on their way to inf.
     largest = max(term.assignments, key=lambda a: float(local(a.param).detach().abs().max()))
@@ -159,11 +163,7 @@ def check_value(term: Term, value: Tensor, on_nonfinite: OnNonFinite | None = No
     penalty left its domain (``log(w)`` at w ≤ 0) or overflowed; at non-finite weights
     the run diverged (see :func:`check_weights`)."""
     on_nonfinite = term.on_nonfinite if on_nonfinite is None else on_nonfinite
-    if on_nonfinite == "off" or bool(torch.isfinite(value)):
-        return
-    bad = [a.name for a in term.assignments if not torch.isfinite(local(a.param)).all()]
-    if bad:
-        _diverged(term, bad, on_nonfinite)
+    if on_nonfinite == "off" or bool(torch.isfinite(value)) or _weights_diverged(term, on_nonfinite):
         return
     msg = (f"Term {term.name!r} ({term.penalty!r}, λ={term.strength_now():g}): its penalty value is {float(value)} at "
            "finite weights, so the logged penalty and train/loss are not numbers. The penalty leaves its domain "
