@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass
 from typing import Callable
 

@@ -158,6 +158,11 @@ def check_config_given(command: str, argv: Sequence[str]) -> None:
                          "configs/mnist_cnn_thin.yaml --ckpt_path last.ckpt --out model.pt`.")
 
 
+def take_flag(argv: Sequence[str], name: str) -> tuple[bool, list[str]]:
+    """``(whether the flag is given, the other arguments)``, e.g. ``--plain``."""
+    return name in argv, [a for a in argv if a != name]
+
+
 def take_option(argv: Sequence[str], name: str, repeat: bool = False) -> tuple[Any, list[str]]:
     """``(value, the other arguments)`` for an option written ``NAME VALUE`` or
     ``NAME=VALUE`` (None when absent); ``repeat=True`` collects every occurrence in a list."""

@@ -25,7 +25,6 @@ the data module tells the steps per epoch, else the timescale.
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
 from dataclasses import dataclass
@@ -264,7 +263,7 @@ the model's size after `regfit thin`.
 
 def main(argv: Sequence[str]) -> int:
     """``regfit groups`` entry point; errors propagate to :func:`regfit.cli.main`."""
-    from regfit.errors import check_config_given, take_option
+    from regfit.errors import take_flag, take_option
     from regfit.lightning_cli import build_from_config
     from regfit.regularization import regularizations
 
@@ -272,13 +271,9 @@ def main(argv: Sequence[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         sys.stdout.write(USAGE)
         return 0
-    # Trainer and seeding chatter is noise before a table; warnings still show.
-    logging.getLogger("lightning").setLevel(logging.WARNING)
-    plain = "--plain" in args
-    args = [a for a in args if a != "--plain"]
+    plain, args = take_flag(args, "--plain")
     ckpt_path, args = take_option(args, "--ckpt_path")
-    check_config_given("groups", args)
-    cli = build_from_config(args, ckpt_path)
+    cli = build_from_config("groups", args, ckpt_path)
     terms = regularizations(cli.trainer)
     optimizers = _optimizers(cli.model)
     batch, steps, why = _first_batch(cli.datamodule, cli.trainer)

@@ -38,7 +38,7 @@ from regfit.checkpointing import (
     use_atomic_checkpoints,
 )
 from regfit.configfile import check_config_files
-from regfit.errors import UsageError, config_files
+from regfit.errors import UsageError, check_config_given, config_files
 from regfit.interrupts import Interrupted
 from regfit.module import RegModule
 from regfit.regularization import Regularization
@@ -377,10 +377,13 @@ def run_cli(args: Sequence[str], run: bool = True, **kwargs: Any) -> RegfitCLI:
     return RegfitCLI(args=list(args), run=run, **kwargs)
 
 
-def build_from_config(args: Sequence[str], ckpt_path: str | None = None) -> RegfitCLI:
+def build_from_config(command: str, args: Sequence[str], ckpt_path: str | None = None) -> RegfitCLI:
     """The model, data module and trainer the config in ``args`` describes, built but not run,
-    with the weights of ``ckpt_path`` when given (``regfit groups``, ``regfit thin``). A bad
-    checkpoint or config file is named before anything is built."""
+    with the weights of ``ckpt_path`` when given, for ``regfit <command>`` (``groups``,
+    ``thin``), which prints a table: Lightning's start-up chatter is silenced (warnings still
+    show). A missing config, a bad checkpoint or config file is named before anything is built."""
+    check_config_given(command, args)
+    logging.getLogger("lightning").setLevel(logging.WARNING)
     if ckpt_path is not None:
         read_checkpoint(ckpt_path)
     check_config_files(args)

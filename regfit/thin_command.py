@@ -17,7 +17,6 @@ one paragraph), checked before any work where they can be.
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import IO, Sequence
 
@@ -44,7 +43,7 @@ GroupLasso(units=True) term to get such units (configs/mnist_cnn_thin.yaml).
 
 def main(argv: Sequence[str]) -> int:
     """``regfit thin`` entry point; errors propagate to :func:`regfit.cli.main`."""
-    from regfit.errors import UsageError, check_config_given, check_output_file, take_option
+    from regfit.errors import UsageError, check_config_given, check_output_file, take_flag, take_option
     from regfit.export import thinning
     from regfit.lightning_cli import build_from_config
 
@@ -52,9 +51,7 @@ def main(argv: Sequence[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         sys.stdout.write(USAGE)
         return 0
-    logging.getLogger("lightning").setLevel(logging.WARNING)
-    plain = "--plain" in args
-    args = [a for a in args if a != "--plain"]
+    plain, args = take_flag(args, "--plain")
     ckpt_path, args = take_option(args, "--ckpt_path")
     out, args = take_option(args, "--out")
     ignore, args = take_option(args, "--ignore", repeat=True)
@@ -64,7 +61,7 @@ def main(argv: Sequence[str]) -> int:
         raise UsageError(f"`regfit thin` needs {missing}: `regfit thin --config FILE --ckpt_path last.ckpt "
                          "--out model.pt`.")
     check_output_file(out)
-    cli = build_from_config(args, ckpt_path)
+    cli = build_from_config("thin", args, ckpt_path)
     try:
         result = thinning(cli.model, ignore=ignore)
     except ImportError as exc:  # the export extra is missing: the message names it
