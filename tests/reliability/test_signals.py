@@ -24,6 +24,7 @@ from tests.reliability.harness import (
     sweep_fit_args,
     wait_for,
 )
+from tests.reliability.plugins import HOLD_ENV
 
 ENV = env_for_subprocess(WANDB_MODE="disabled")
 
@@ -40,7 +41,7 @@ def long_fit(mnist_dir: Path, ckpt_dir: Path, *extra: str) -> list[str]:
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_a_stopped_fit_exits_non_zero_and_keeps_a_checkpoint_that_resumes(signum, code, mnist_dir, tmp_path):
     ckpt_dir, out = tmp_path / "ckpt", tmp_path / "fit.txt"
-    proc = spawn(long_fit(mnist_dir, ckpt_dir), out, cwd=tmp_path, env=ENV)
+    proc = spawn(long_fit(mnist_dir, ckpt_dir), out, cwd=tmp_path, env={**ENV, HOLD_ENV: "1"})
     wait_for(out, "training step 3", proc)
     proc.send_signal(signum)
     assert proc.wait(120) == code, out.read_text()[-3000:]  # was 0 (SIGTERM) and 1 (SIGINT)
@@ -72,8 +73,8 @@ def test_a_stopped_sweep_writes_its_results_and_the_rerun_finishes_the_grid(mnis
                           *sweep_fit_args(mnist_dir, tmp_path / "logs", batches=6),
                           "--trainer.callbacks=[tests.reliability.plugins.AnnounceSteps]")
     out = tmp_path / "sweep.txt"
-    proc = spawn(args, out, env=ENV)
-    wait_for(out, "training step 3", proc, count=2)  # one trial done, the second training
+    proc = spawn(args, out, env={**ENV, HOLD_ENV: "2"})
+    wait_for(out, "training step 3", proc, count=2)  # one trial done, the second training (and held there)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(120) == 143, out.read_text()[-3000:]  # was 0, and no trials.csv
     assert_one_paragraph(out.read_text(), "stopped by SIGTERM", str(results), "run the same command again",

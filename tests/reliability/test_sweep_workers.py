@@ -27,6 +27,7 @@ from tests.reliability.harness import (
     sweep_fit_args,
     wait_for,
 )
+from tests.reliability.plugins import HOLD_ENV
 
 ENV = env_for_subprocess(WANDB_MODE="disabled")
 POINTS = 6  # grid_file: 2 penalties × 3 strengths
@@ -86,8 +87,8 @@ def test_a_killed_workers_trial_is_run_again(mnist_dir, tmp_path):
                       "--trainer.callbacks=[tests.reliability.plugins.AnnounceSteps]", batches=5,
                       heartbeat=1)  # the rerun is the only live worker: a short grace period cannot misfire
     out = tmp_path / "killed.txt"
-    proc = spawn(args, out, cwd=tmp_path, env=ENV)
-    wait_for(out, "training step 3", proc, count=2)  # one trial done, the second training
+    proc = spawn(args, out, cwd=tmp_path, env={**ENV, HOLD_ENV: "2"})
+    wait_for(out, "training step 3", proc, count=2)  # one trial done, the second training (and held there)
     proc.send_signal(signal.SIGKILL)
     proc.wait(60)
     rerun = subprocess.run(args, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
